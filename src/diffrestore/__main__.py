@@ -1,0 +1,3 @@
+from diffrestore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""Images in and out, and atomic writes.
+
+Images live in the library as float tensors in [-1, 1], shape (C, H, W) or (B, C, H, W), RGB.
+Every file the tool writes goes through ``atomic_write*`` so an interrupted run never leaves a
+truncated PNG or JSON behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageReadError(ValueError):
+    """A file that cannot be read as an image."""
+
+
+def pil_to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB.
+
+    16-bit and float greyscale are scaled to 8 bits by their nominal range (I;16: /257), not by
+    their min/max, so intensities keep their meaning. Alpha is composited on white.
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        a = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "I":
+        a = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if a.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """Read an image file as a (3, H, W) float32 tensor in [-1, 1]."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = pil_to_rgb(img)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageReadError(f"{path}: is a directory, not an image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__})") from None
+    return uint8_to_tensor(np.asarray(rgb))
+
+
+def uint8_to_tensor(a: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(C, H, W) in [-1, 1] -> (H, W, C) uint8 (clamped, rounded). One channel -> greyscale."""
+    x = x.detach().float().cpu()
+    if x.dim() == 4:
+        if x.shape[0] != 1:
+            raise ValueError("tensor_to_uint8 takes one image")
+        x = x[0]
+    a = ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return a[..., 0] if a.shape[-1] == 1 else a
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success rename it over ``path`` (atomic on POSIX)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_image(path: str | os.PathLike, x: torch.Tensor) -> None:
+    """Write a [-1, 1] image tensor as PNG, atomically."""
+    a = tensor_to_uint8(x)
+    with atomic_path(path) as tmp:
+        Image.fromarray(a).save(tmp, format="PNG")
