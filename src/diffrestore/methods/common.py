@@ -1,0 +1,92 @@
+"""Helpers shared by the restoration methods: timestep schedules, alpha-bar lookups and the
+injectable Gaussian source every method draws its noise from.
+
+Randomness. Methods never call ``torch.randn`` directly; they call a ``randn(shape) -> Tensor``
+callable. The default (:func:`make_randn`) draws from the caller's ``torch.Generator`` on the
+generator's device and moves the result to the working device, so a run is reproducible from one
+seed whatever device the model runs on. Tests pass a :class:`ReplayRandn` instead to feed the exact
+draws recorded from a reference implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+#: ``randn(shape) -> Tensor``: a Gaussian source (values N(0, 1), any device/dtype; callers cast)
+RandnFn = Callable[[tuple[int, ...]], torch.Tensor]
+#: ``callback(step_index, t, x_t, x0_pred)``: called once per network evaluation
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+class MethodArgumentError(ValueError):
+    """An argument a user passed to a restoration method is out of range or has the wrong shape."""
+
+
+def uniform_skip_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """The DDIM/DDRM "uniform" skip sequence ``0, s, 2s, ... < num_timesteps`` with
+    ``s = num_timesteps // steps`` (ascending; samplers walk it in reverse).
+
+    Exactly the official ``range(0, num_timesteps, num_timesteps // steps)``: when ``steps`` does
+    not divide ``num_timesteps`` it holds ``ceil(num_timesteps / s)`` entries, i.e. slightly more
+    than ``steps`` (e.g. 31 for 30 steps out of 1000)."""
+    steps = int(steps)
+    if steps < 1 or steps > num_timesteps:
+        raise MethodArgumentError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    return list(range(0, num_timesteps, num_timesteps // steps))
+
+
+def previous_timesteps(seq: Sequence[int]) -> list[int]:
+    """For an ascending ``seq``, the timestep each one steps to: ``[-1] + seq[:-1]``."""
+    return [-1] + list(seq[:-1])
+
+
+def alpha_bar(alphas_cumprod: torch.Tensor, t: int) -> torch.Tensor:
+    """``alpha_bar(t)`` as a float32 0-dim CPU tensor, with ``alpha_bar(-1) = 1`` (the official DDIM /
+    DDRM ``compute_alpha``: cumprod of ``1 - beta`` with a 1.0 prepended, indexed at ``t + 1``)."""
+    if t < 0:
+        return torch.ones((), dtype=torch.float32)
+    return alphas_cumprod.detach()[int(t)].to("cpu", torch.float32).clone()
+
+
+def make_randn(
+    generator: torch.Generator | None, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> RandnFn:
+    """The default Gaussian source: ``torch.randn`` from ``generator`` (on the generator's own device;
+    the global RNG of ``device`` when None), moved to ``device``/``dtype``."""
+    device = torch.device(device)
+    gen_device = generator.device if generator is not None else device
+
+    def randn(shape: tuple[int, ...]) -> torch.Tensor:
+        z = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32)
+        return z.to(device=device, dtype=dtype)
+
+    return randn
+
+
+class ReplayRandn:
+    """A ``randn`` that returns recorded draws in order, checking each requested shape.
+
+    ``draws`` is a sequence of tensors or of ``(name, tensor)`` pairs. After the run,
+    ``remaining`` says how many were not consumed."""
+
+    def __init__(self, draws: Sequence[torch.Tensor | tuple[str, torch.Tensor]]):
+        self._draws = [d[1] if isinstance(d, (tuple, list)) else d for d in draws]
+        self._i = 0
+        self.shapes: list[tuple[int, ...]] = []
+
+    @property
+    def remaining(self) -> int:
+        return len(self._draws) - self._i
+
+    def __call__(self, shape: tuple[int, ...]) -> torch.Tensor:
+        shape = tuple(int(s) for s in shape)
+        self.shapes.append(shape)
+        if self._i >= len(self._draws):
+            raise RuntimeError(f"replay exhausted: draw #{self._i} of shape {shape} requested")
+        z = self._draws[self._i]
+        if tuple(z.shape) != shape:
+            raise RuntimeError(f"replay draw #{self._i}: recorded shape {tuple(z.shape)}, requested {shape}")
+        self._i += 1
+        return z
