@@ -20,9 +20,9 @@ a grey image for colorization, ...). The SVD is ``H = U diag(s) V^T`` with
 Threshold convention. Operators whose spectrum decays (blur, bicubic SR) take a constructor
 parameter ``threshold`` that is *relative* to their largest singular value (default
 ``DEFAULT_REL_THRESHOLD = 1e-3``); it is kept as ``rel_threshold`` and the instance attribute
-``threshold`` holds the resulting *absolute* cut-off ``rel_threshold * max(s)``. Operators whose
-singular values are all equal or 0/1 (identity, block averaging, inpainting, colorization) have
-``threshold = 0``.
+``threshold`` holds the resulting *absolute* cut-off ``rel_threshold * max(s)``. Block averaging
+uses the default (all its singular values are equal, so nothing is ever cut); identity, inpainting
+and colorization have exactly known 0/1/constant spectra and ``threshold = 0``.
 
 ``H``/``Ht`` are always the exact operator and its adjoint (subclasses use direct convolutions,
 pooling or small matmuls); only the spectral view (``singulars`` and therefore ``pinv``) is
@@ -183,8 +183,12 @@ class LinearOperator:
         return t
 
     def _check_x(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.in_shape:
-            self.check_size(tuple(x.shape) if x.dim() == 4 else (-1,) + tuple(x.shape))
+        if x.dim() != 4:
+            raise ImageSizeError(
+                f"{type(self).__name__} expects an image batch (B, C, H, W), got shape {tuple(x.shape)}"
+            )
+        if tuple(x.shape[1:]) != self.in_shape:
+            self.check_size(tuple(x.shape))
 
     def _check_y(self, y: torch.Tensor) -> None:
         if y.dim() != 1 + len(self.measurement_shape) or tuple(y.shape[1:]) != tuple(self.measurement_shape):
