@@ -16,6 +16,11 @@ import torch
 from torch import nn
 
 
+class PriorLoadError(ValueError):
+    """A prior that cannot be loaded: missing file or config, wrong kind of model, keys or shapes that do
+    not match the config. The message is one line (the CLI prints it and exits non-zero)."""
+
+
 def linear_betas(start: float = 1e-4, end: float = 0.02, steps: int = 1000) -> torch.Tensor:
     """ADM / DDPM schedule: betas linear in beta (float64 linspace, cast to float32 as DDRM does)."""
     return torch.linspace(start, end, steps, dtype=torch.float64).float()
