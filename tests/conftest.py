@@ -17,6 +17,10 @@ def shared() -> Path:
     return SHARED
 
 
+# Tiny models run faster single-threaded on the 2-core CI machine (thread hand-off dominates).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
