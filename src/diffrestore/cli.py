@@ -138,12 +138,107 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# evaluate / report
+# --------------------------------------------------------------------------------------------
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="benchmark grid (tasks x methods x steps over a folder of images): tables and figures",
+        description="Degrade each chosen image once per task, restore it with every method, score it, and write "
+        "records, tables (the report's Tables 1-4) and figures (4, 6, 7) into --out. Resumable: rerun the same "
+        "command to finish an interrupted run; name more tasks/methods/--fig7-steps to extend it. Sharded: "
+        "--nproc K, or torchrun --nproc_per_node=K -m diffrestore evaluate ...",
+    )
+    p.add_argument("--data", default=None, help="folder of clean images (searched recursively)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder (created; reused to resume)")
+    p.add_argument(
+        "--n", "--num-images", dest="n", type=int, default=None,
+        help="number of images, a seeded random subset (default: all); under torchrun write --num-images "
+        "(torchrun's own parser takes --n for an abbreviation of its options)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="run seed: image subset, measurement noise, samplers (default 0)")
+    p.add_argument("--size", type=int, default=None, help="images are centre-cropped and resized to SIZE (default 256)")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: sr4,deblur,denoise,noisy-sr4)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: srldm,ddrm,ddrm-srldm)")
+    p.add_argument("--steps", default=None, help="table steps: N for every method, or per method ddrm:20,srldm:100")
+    p.add_argument("--fig7-steps", default=None, metavar="SWEEP", help="Figure 7 step sweeps, e.g. 'srldm:5,10,20;ddrm:10,20'")
+    p.add_argument("--fig7-task", default=None, help="task of Figures 6 and 7 (default: sr4 if evaluated, else the first task)")
+    p.add_argument("--pixel-prior", default=None, metavar="SPEC", help="pixel prior for ddrm (path or builtin:NAME)")
+    p.add_argument("--latent-prior", default=None, metavar="SPEC", help="latent SR prior for srldm, ddrm-srldm, ddrm-ldm")
+    p.add_argument("--preset", choices=["paper", "quick"], default=None, help="paper: the report's full grid; quick: a small CPU grid")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size of the throughput measurement (records run one image per call)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="network precision (default fp32)")
+    p.add_argument("--save-images", action="store_true", help="keep every restored image (default: the first few, for Figure 4)")
+    p.add_argument("--nproc", type=int, default=1, help="shard over K local processes")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from diffrestore.evaluation import runner
+
+    spec = runner.EvalSpec(
+        out=args.out,
+        data=args.data,
+        n=args.n,
+        seed=args.seed,
+        size=args.size,
+        tasks=runner.parse_list(args.tasks, "--tasks"),
+        methods=runner.parse_list(args.methods, "--methods"),
+        steps=runner.parse_steps(args.steps),
+        fig7_steps=runner.parse_sweep(args.fig7_steps),
+        fig7_task=args.fig7_task,
+        pixel_prior=args.pixel_prior,
+        latent_prior=args.latent_prior,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        save_images=args.save_images,
+        nproc=args.nproc,
+        progress=not args.no_progress,
+        preset=args.preset,
+    )
+    run = runner.evaluate(spec)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print((run / "tables.md").read_text(), end="")
+        print(f"results in {run}/ (tables.md, tables.csv, results.json, fig4_grid.png, fig6_intermediates.png, fig7_fid_throughput.png)")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="re-render the tables and figures of an evaluation run (runs no model)",
+        description="Rebuild tables.md, tables.csv, results.json, fig4/fig6/fig7 (and fig7.csv) of RUN from its stored "
+        "records, features, images and intermediates.",
+    )
+    p.add_argument("run", metavar="RUN")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from diffrestore.evaluation import report, runner
+
+    runner.load_plugins()
+    run = Path(args.run)
+    report.write_report(run)
+    print((run / "tables.md").read_text(), end="")
+    print(f"written in {run}/: tables.md, tables.csv, results.json, fig4_grid.png, fig6_intermediates.png, fig7_fid_throughput.png, fig7.csv")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffrestore", description="Diffusion-based image restoration and benchmarking.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_restore(sub)
     p = sub.add_parser("tasks", help="list the degradation tasks")
     p.set_defaults(func=cmd_tasks)
+    _add_evaluate(sub)
+    _add_report(sub)
     return parser
 
 

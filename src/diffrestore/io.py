@@ -64,7 +64,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 
 def uint8_to_tensor(a: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.array(a, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
