@@ -26,15 +26,6 @@ from diffrestore.priors.pixel import UNetPixelPrior
 REFS = ("ref_deno.pt", "ref_sr4.pt", "ref_deblur_gauss.pt")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions on a shared 2-core machine: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 

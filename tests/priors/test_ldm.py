@@ -14,16 +14,6 @@ from diffrestore.priors.latent import ldm_alphas_cumprod, load_diffusers_latent_
 from diffrestore.priors.ldm import load_latent_sr, read_checkpoint, unet_config_from_ldm, vq_config_from_ldm
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread on the shared 2-core CI box (and the golden data was made
-    with one thread)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 

@@ -1,16 +1,17 @@
-"""load_prior: ADM checkpoints, diffusers UNet folders, hooks, and the errors users can cause."""
+"""load_prior: ADM checkpoints, diffusers UNet folders, LDM checkpoints, and the errors users can cause."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import shutil
+import warnings
 
 import pytest
 import torch
 from diffusers import UNet2DModel
 
-from diffrestore.priors.adm import adm_config, build_adm_unet, convert_adm_state_dict
+from diffrestore.priors.adm import ADMGuessWarning, adm_config, build_adm_unet, convert_adm_state_dict
 from diffrestore.priors.base import (
     LatentSRPrior,
     PixelPrior,
@@ -20,14 +21,6 @@ from diffrestore.priors.base import (
 )
 from diffrestore.priors.loading import PriorLoadError, load_prior
 from diffrestore.priors.pixel import UNetPixelPrior
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel(a, b) -> float:
@@ -59,9 +52,14 @@ def test_adm_checkpoint_loads(golden_dir, golden_call):
 
 def test_adm_head_width_guess_warns(golden_dir):
     # the tiny model's 16-channel heads are not recorded in its weights: the guess is flagged
-    with pytest.warns(UserWarning, match="num_head_channels"):
+    with pytest.warns(UserWarning, match="num_head_channels") as record:
         prior = load_prior(golden_dir / "unet_state_dict.pt")
     assert isinstance(prior, UNetPixelPrior)
+    (w,) = [w for w in record if issubclass(w.category, ADMGuessWarning)]
+    # what Python prints on stderr: one line naming the file, the guess and how to override it
+    shown = warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
+    assert shown.count("\n") == 1 and shown.endswith("\n")
+    assert "unet_state_dict.pt" in shown and "guessed num_head_channels=32" in shown and "adm_config" in shown
 
 
 def test_adm_checkpoint_bf16(golden_dir, golden_call):
@@ -193,10 +191,64 @@ def test_ldm_checkpoint_as_pixel_prior(shared):
     assert "ldm_sr_tiny.ckpt" in _one_line(e)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("diffrestore.priors.ldm") is None, reason="no latent SR loader")
-def test_ldm_checkpoint_goes_to_latent_hook(shared):
+def test_ldm_checkpoint_goes_to_latent_loader(shared):
     prior = load_prior(shared / "golden" / "ldm" / "ldm_sr_tiny.ckpt")
     assert isinstance(prior, LatentSRPrior)
+
+
+class _LightningCallback:
+    """Stands for what real Lightning checkpoints pickle besides tensors; unpickling it must not run it."""
+
+    ran: list = []
+
+    def __init__(self, monitor: str):
+        self.monitor = monitor
+
+    def __setstate__(self, state):
+        _LightningCallback.ran.append(state)
+        self.__dict__.update(state)
+
+
+def test_lightning_ckpt_is_routed_to_the_latent_loader_and_read_once(tmp_path, shared, monkeypatch):
+    """A Lightning .ckpt pickles callbacks and hyper-parameters (weights_only=True refuses it): load_prior
+    reads it once, with the tensor-only unpickler, and gives the same latent prior as the plain file."""
+    ldm = shared / "golden" / "ldm"
+    sd = torch.load(ldm / "ldm_sr_tiny.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    path = tmp_path / "lightning.ckpt"
+    torch.save(
+        {
+            "state_dict": sd,
+            "callbacks": {"ModelCheckpoint": _LightningCallback("val/loss")},
+            "hyper_parameters": argparse.Namespace(base_learning_rate=1e-6),
+            "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-6}]}],
+            "global_step": 7,
+        },
+        path,
+    )
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path, weights_only=True)
+    shutil.copy(ldm / "ldm_sr_tiny.yaml", tmp_path / "lightning.yaml")
+
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **kw: loads.append(str(f)) or real_load(f, *a, **kw))
+    _LightningCallback.ran.clear()
+    prior = load_prior(path)
+    monkeypatch.undo()
+    assert _LightningCallback.ran == []
+    # weights_only attempt + the tensor-only read of the pickle; the tensors themselves are memory-mapped
+    assert loads == [str(path)] * 2
+    assert isinstance(prior, LatentSRPrior)
+
+    want = load_prior(ldm / "ldm_sr_tiny.ckpt")
+    d = torch.load(ldm / "ldm_sr_tiny_ref.pt", weights_only=True)["unet"][1]
+    with torch.no_grad():
+        got = prior.eps(d["z_t"], d["t"], d["lr"])
+        assert torch.equal(got, want.eps(d["z_t"], d["t"], d["lr"]))
+    assert rel(got, d["eps"]) <= 1e-5
+    assert torch.equal(prior.alphas_cumprod, want.alphas_cumprod)
+    with pytest.raises(PriorLoadError, match="latent-diffusion"):
+        load_prior(path, kind="pixel")
 
 
 def test_adm_checkpoint_as_latent_prior(golden_dir):
@@ -256,6 +308,8 @@ def test_unknown_builtin_and_kind():
         load_prior("whatever", kind="audio")
     with pytest.raises(PriorLoadError, match="dtype"):
         load_prior("whatever", dtype="int8")
+    with pytest.raises(PriorLoadError, match="dtype"):
+        load_prior("whatever", dtype=torch.int8)
 
 
 def test_device_and_meta_free_loading(golden_dir):

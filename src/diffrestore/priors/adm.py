@@ -38,6 +38,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
 __all__ = [
+    "ADMGuessWarning",
     "ADM_256_UNCOND",
     "ADM_256_COND",
     "ADM_256_UNCOND_HPARAMS",
@@ -362,51 +363,18 @@ def convert_adm_state_dict(sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any
     only the attention projections are re-packed. Raises ``ValueError`` naming the first missing or
     unexpected key.
     """
-    adm = _adm_of(cfg)
-    legacy = not adm["use_new_attention_order"]
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def take(key: str) -> torch.Tensor:
-        if key not in sd:
-            raise ValueError(f"missing key {key!r} expected by the ADM layout")
-        used.add(key)
-        return sd[key]
-
-    for src, dst, kind in _layout(adm):
-        if kind == "plain":
-            for p in ("weight", "bias"):
-                if p == "bias" and src == "label_emb":
-                    continue
-                out[f"{dst}.{p}"] = take(f"{src}.{p}")
-        elif kind == "res":
-            for a, b in _RES_MAP.items():
-                if a == "skip_connection" and f"{src}.{a}.weight" not in sd:
-                    continue
-                for p in ("weight", "bias"):
-                    out[f"{dst}.{b}.{p}"] = take(f"{src}.{a}.{p}")
-        else:
-            for p in ("weight", "bias"):
-                out[f"{dst}.group_norm.{p}"] = take(f"{src}.norm.{p}")
-            w, b = take(f"{src}.qkv.weight"), take(f"{src}.qkv.bias")
-            heads = _heads(adm, kind, w.shape[1])
-            for name, t in zip(("to_q", "to_k", "to_v"), _split_qkv(w, heads, legacy)):
-                out[f"{dst}.{name}.weight"] = t
-            for name, t in zip(("to_q", "to_k", "to_v"), _split_qkv(b, heads, legacy)):
-                out[f"{dst}.{name}.bias"] = t
-            pw = take(f"{src}.proj_out.weight")
-            out[f"{dst}.to_out.0.weight"] = pw.reshape(pw.shape[0], pw.shape[1])
-            out[f"{dst}.to_out.0.bias"] = take(f"{src}.proj_out.bias")
-    extra = [k for k in sd if k not in used]
-    if extra:
-        raise ValueError(f"unexpected key {extra[0]!r} ({len(extra)} unexpected) for the ADM layout")
-    return out
+    return _convert(sd, cfg, to_diffusers=True)
 
 
 def convert_diffusers_to_adm_state_dict(
     sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
     """Inverse of :func:`convert_adm_state_dict` (works on ``meta`` tensors too)."""
+    return _convert(sd, cfg, to_diffusers=False)
+
+
+def _convert(sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], to_diffusers: bool) -> dict[str, torch.Tensor]:
+    """Both directions walk one layout, so the two conversions cannot drift apart."""
     adm = _adm_of(cfg)
     legacy = not adm["use_new_attention_order"]
     out: dict[str, torch.Tensor] = {}
@@ -414,40 +382,65 @@ def convert_diffusers_to_adm_state_dict(
 
     def take(key: str) -> torch.Tensor:
         if key not in sd:
-            raise ValueError(f"missing diffusers key {key!r}")
+            raise ValueError(
+                f"missing key {key!r} expected by the ADM layout" if to_diffusers else f"missing diffusers key {key!r}"
+            )
         used.add(key)
         return sd[key]
 
+    def rename(adm_key: str, diffusers_key: str) -> None:
+        if to_diffusers:
+            out[diffusers_key] = take(adm_key)
+        else:
+            out[adm_key] = take(diffusers_key)
+
     for src, dst, kind in _layout(adm):
         if kind == "plain":
-            for p in ("weight", "bias"):
-                if p == "bias" and src == "label_emb":
-                    continue
-                out[f"{src}.{p}"] = take(f"{dst}.{p}")
+            for p in ("weight",) if src == "label_emb" else ("weight", "bias"):
+                rename(f"{src}.{p}", f"{dst}.{p}")
         elif kind == "res":
             for a, b in _RES_MAP.items():
-                if a == "skip_connection" and f"{dst}.{b}.weight" not in sd:
+                if a == "skip_connection" and (f"{src}.{a}.weight" if to_diffusers else f"{dst}.{b}.weight") not in sd:
                     continue
                 for p in ("weight", "bias"):
-                    out[f"{src}.{a}.{p}"] = take(f"{dst}.{b}.{p}")
+                    rename(f"{src}.{a}.{p}", f"{dst}.{b}.{p}")
         else:
             for p in ("weight", "bias"):
-                out[f"{src}.norm.{p}"] = take(f"{dst}.group_norm.{p}")
-            for p in ("weight", "bias"):
-                q, k, v = (take(f"{dst}.{n}.{p}") for n in ("to_q", "to_k", "to_v"))
-                heads = _heads(adm, kind, q.shape[0])
-                out[f"{src}.qkv.{p}"] = _merge_qkv(q, k, v, heads, legacy)
-            pw = take(f"{dst}.to_out.0.weight")
-            out[f"{src}.proj_out.weight"] = pw.unsqueeze(-1)
-            out[f"{src}.proj_out.bias"] = take(f"{dst}.to_out.0.bias")
+                rename(f"{src}.norm.{p}", f"{dst}.group_norm.{p}")
+            if to_diffusers:
+                w, b = take(f"{src}.qkv.weight"), take(f"{src}.qkv.bias")
+                heads = _heads(adm, kind, w.shape[1])
+                for p, t in (("weight", w), ("bias", b)):
+                    for name, part in zip(("to_q", "to_k", "to_v"), _split_qkv(t, heads, legacy)):
+                        out[f"{dst}.{name}.{p}"] = part
+                pw = take(f"{src}.proj_out.weight")
+                out[f"{dst}.to_out.0.weight"] = pw.reshape(pw.shape[0], pw.shape[1])
+            else:
+                for p in ("weight", "bias"):
+                    q, k, v = (take(f"{dst}.{n}.{p}") for n in ("to_q", "to_k", "to_v"))
+                    out[f"{src}.qkv.{p}"] = _merge_qkv(q, k, v, _heads(adm, kind, q.shape[0]), legacy)
+                out[f"{src}.proj_out.weight"] = take(f"{dst}.to_out.0.weight").unsqueeze(-1)
+            rename(f"{src}.proj_out.bias", f"{dst}.to_out.0.bias")
     extra = [k for k in sd if k not in used]
     if extra:
+        if to_diffusers:
+            raise ValueError(f"unexpected key {extra[0]!r} ({len(extra)} unexpected) for the ADM layout")
         raise ValueError(f"unexpected diffusers key {extra[0]!r} ({len(extra)} unexpected)")
     return out
 
 
 # --------------------------------------------------------------------------------------------------
 # recognising ADM checkpoints and inferring their hyper-parameters
+
+
+class ADMGuessWarning(UserWarning):
+    """An ADM hyper-parameter the weights do not determine was guessed."""
+
+
+def _warn_one_line(message: str) -> None:
+    # warnings.warn prints the caller's source line under the message; a "<...>" file has none, so the
+    # user sees one line on stderr (and linecache never opens a file to look for it)
+    warnings.warn_explicit(message, ADMGuessWarning, "<diffrestore>", 0, module=__name__)
 
 
 def is_adm_state_dict(sd: Mapping[str, Any]) -> bool:
@@ -466,13 +459,15 @@ def _indices(keys: Iterable[str], prefix: str) -> list[int]:
     return sorted(idx)
 
 
-def infer_adm_hparams(sd: Mapping[str, torch.Tensor], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def infer_adm_hparams(
+    sd: Mapping[str, torch.Tensor], overrides: Mapping[str, Any] | None = None, *, where: str = "the checkpoint"
+) -> dict[str, Any]:
     """ADM hyper-parameters (for :func:`adm_config`) read off a state dict's key names and shapes.
 
     Not recoverable from weights, hence defaults unless given in ``overrides``: ``image_size`` (the size
     whose default ``channel_mult`` matches, else 256; it only names attention levels and ``sample_size``),
     ``use_new_attention_order`` (False) and ``num_head_channels`` (64 when it divides every attention
-    width; otherwise the largest power of two <= 64 that does, with a warning).
+    width; otherwise the largest power of two <= 64 that does, with an ``ADMGuessWarning`` naming ``where``).
     Raises ``ValueError`` when the keys are not a consistent ADM layout.
     """
     overrides = dict(overrides or {})
@@ -536,10 +531,9 @@ def infer_adm_hparams(sd: Mapping[str, torch.Tensor], overrides: Mapping[str, An
             hc = 64
             while hc > 1 and any(w % hc for w in attn_widths):
                 hc //= 2
-            warnings.warn(
-                f"ADM head width is not stored in the checkpoint; guessed num_head_channels={hc} "
-                "(pass num_head_channels to override)",
-                stacklevel=2,
+            _warn_one_line(
+                f"ADM head width is not stored in {where}; guessed num_head_channels={hc} "
+                f"(override with adm_config={{'num_head_channels': N}})"
             )
     hp = dict(
         image_size=int(image_size),

@@ -20,54 +20,16 @@ A folder in the hub layout (``model_index.json``, ``unet/``, ``vqvae/`` or ``vae
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DModel, VQModel
 
-from .base import LatentSRPrior, PriorLoadError, alphas_cumprod_from_betas
+from ._files import from_pretrained, read_json, resolve_dtype
+from .base import LatentSRPrior, PriorLoadError, ldm_alphas_cumprod, scheduler_alphas_cumprod
 
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``None``, a torch dtype, or one of 'fp32', 'fp16', 'bf16' (and their long names)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise PriorLoadError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
-
-
-def ldm_alphas_cumprod(
-    beta_start: float = 0.0015,
-    beta_end: float = 0.0155,
-    num_timesteps: int = 1000,
-    beta_schedule: str = "scaled_linear",
-    trained_betas=None,
-) -> torch.Tensor:
-    """The (T,) float32 ``alphas_cumprod`` of an LDM-trained model, computed as LDM registers it.
-
-    ``beta_schedule`` uses diffusers' names: ``"scaled_linear"`` (LDM's "linear": linear in sqrt(beta))
-    or ``"linear"`` (LDM's "sqrt_linear": linear in beta). Unlike ``base.sqrt_linear_betas`` the betas
-    stay float64 up to the cumulative product (LDM never rounds them), which changes 28 of the 1000
-    values by one float32 ulp.
-    """
-    if trained_betas is not None:
-        betas = torch.as_tensor(trained_betas, dtype=torch.float64)
-    elif beta_schedule == "scaled_linear":
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
-    elif beta_schedule == "linear":
-        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
-    else:
-        raise PriorLoadError(f"unsupported beta schedule {beta_schedule!r} (use scaled_linear or linear)")
-    return alphas_cumprod_from_betas(betas)
+__all__ = ["DiffusersLatentSRPrior", "check_latent_sr", "latent_channels_of", "ldm_alphas_cumprod",
+           "load_diffusers_latent_sr"]
 
 
 def latent_channels_of(first_stage) -> int:
@@ -132,13 +94,6 @@ class DiffusersLatentSRPrior(LatentSRPrior):
             self.unet.to(dtype)
             self.first_stage.to(dtype)
 
-    def _apply(self, fn, recurse=True):
-        # keep the schedule float32 whatever .to()/.half() does to the networks
-        schedule = self.alphas_cumprod
-        super()._apply(fn, recurse)
-        self.alphas_cumprod = schedule.to(self.alphas_cumprod.device)
-        return self
-
     @property
     def model_dtype(self) -> torch.dtype:
         return self.unet.dtype
@@ -179,55 +134,12 @@ class DiffusersLatentSRPrior(LatentSRPrior):
 # ---------------------------------------------------------------------------------------------
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PriorLoadError(f"{path}: cannot read JSON ({first_line(e)})") from e
-    if not isinstance(data, dict):
-        raise PriorLoadError(f"{path}: expected a JSON object")
-    return data
-
-
-def _from_pretrained(cls, folder: Path, dtype: torch.dtype | None):
-    try:
-        model, info = cls.from_pretrained(
-            str(folder), local_files_only=True, low_cpu_mem_usage=False, output_loading_info=True, torch_dtype=dtype
-        )
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise PriorLoadError(f"cannot load {cls.__name__} from {folder}: {first_line(e)}") from e
-    problems = []
-    for what in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = info.get(what) or []
-        if keys:
-            problems.append(f"{len(keys)} {what.replace('_', ' ')} (e.g. {sorted(map(str, keys))[0]})")
-    if problems:
-        raise PriorLoadError(f"{folder}: weights do not match config.json: {'; '.join(problems)}")
-    return model
-
-
 def _schedule_from_folder(folder: Path) -> torch.Tensor:
-    """alphas_cumprod from ``scheduler/scheduler_config.json`` (diffusers defaults for absent keys);
-    the LDM schedule when there is no scheduler folder."""
+    """alphas_cumprod from ``scheduler/scheduler_config.json``; the LDM schedule when there is none."""
     cfg_path = folder / "scheduler_config.json"
     if not cfg_path.is_file():
         return ldm_alphas_cumprod()
-    cfg = _read_json(cfg_path)
-    pred = cfg.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise PriorLoadError(f"{cfg_path}: prediction_type {pred!r} is not supported (need epsilon)")
-    return ldm_alphas_cumprod(
-        float(cfg.get("beta_start", 0.0001)),
-        float(cfg.get("beta_end", 0.02)),
-        int(cfg.get("num_train_timesteps", 1000)),
-        str(cfg.get("beta_schedule", "linear")),
-        cfg.get("trained_betas"),
-    )
+    return scheduler_alphas_cumprod(read_json(cfg_path), str(cfg_path))
 
 
 def load_diffusers_latent_sr(
@@ -241,7 +153,7 @@ def load_diffusers_latent_sr(
     index_path = root / "model_index.json"
     if not index_path.is_file():
         raise PriorLoadError(f"{root}: not a diffusers model folder (no model_index.json)")
-    index = _read_json(index_path)
+    index = read_json(index_path)
     fs_name = "vqvae" if "vqvae" in index else "vae" if "vae" in index else None
     if "unet" not in index or fs_name is None:
         parts = ", ".join(k for k in index if not k.startswith("_")) or "nothing"
@@ -258,8 +170,8 @@ def load_diffusers_latent_sr(
             raise PriorLoadError(f"{root}: not a latent SR model folder ({name} is {cls_name!r}, need {need})")
         classes[name] = match[0]
     dtype = resolve_dtype(dtype)
-    unet = _from_pretrained(UNet2DModel, root / "unet", dtype)
-    first_stage = _from_pretrained(classes[fs_name], root / fs_name, dtype)
+    unet = from_pretrained(UNet2DModel, root / "unet", dtype)
+    first_stage = from_pretrained(classes[fs_name], root / fs_name, dtype)
     check_latent_sr(unet, first_stage, where=str(root))
     return DiffusersLatentSRPrior(
         unet, first_stage, _schedule_from_folder(root / "scheduler"), quantize_on_decode=quantize_on_decode

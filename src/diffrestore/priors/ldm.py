@@ -28,22 +28,18 @@ another shape), raises ``PriorLoadError`` with a one-line message.
 
 from __future__ import annotations
 
-import pickle
 import re
-import types
 from pathlib import Path
+from typing import Mapping
 
 import torch
-import yaml
 from diffusers import UNet2DModel, VQModel
 
-from .base import PriorLoadError
-from .latent import (
-    DiffusersLatentSRPrior,
-    first_line,
-    ldm_alphas_cumprod,
-    load_diffusers_latent_sr,
-)
+from ._files import first_line, read_checkpoint, read_yaml
+from .base import PriorLoadError, ldm_alphas_cumprod
+from .latent import DiffusersLatentSRPrior, load_diffusers_latent_sr
+
+__all__ = ["convert_ldm_sr", "load_latent_sr", "read_checkpoint", "unet_config_from_ldm", "vq_config_from_ldm"]
 
 UNET_PREFIX = "model.diffusion_model."
 VQ_PREFIX = "first_stage_model."
@@ -58,8 +54,13 @@ def load_latent_sr(
     use_ema: bool | None = None,
     dtype: torch.dtype | str | None = None,
     quantize_on_decode: bool = True,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> DiffusersLatentSRPrior:
-    """A latent SR prior from a diffusers folder (hub layout) or an original LDM checkpoint + YAML."""
+    """A latent SR prior from a diffusers folder (hub layout) or an original LDM checkpoint + YAML.
+
+    ``state_dict``: the checkpoint's tensors when the caller has read ``path`` already (``load_prior``
+    reads a file once to tell what it is; a real checkpoint is GBs).
+    """
     p = Path(path)
     if p.is_dir():
         if config is not None:
@@ -67,8 +68,9 @@ def load_latent_sr(
         return load_diffusers_latent_sr(p, dtype=dtype, quantize_on_decode=quantize_on_decode)
     if not p.is_file():
         raise PriorLoadError(f"{p}: no such file or folder")
-    cfg = config if isinstance(config, dict) else _read_yaml(_find_yaml(p, config))
-    state_dict = read_checkpoint(p)
+    cfg = config if isinstance(config, dict) else read_yaml(_find_yaml(p, config), _YAML_EXPECTED)
+    if state_dict is None:
+        state_dict = read_checkpoint(p)
     unet, vq, alphas_cumprod, scale = convert_ldm_sr(state_dict, cfg, use_ema=use_ema, where=str(p))
     return DiffusersLatentSRPrior(
         unet, vq, alphas_cumprod, latent_scale=scale, quantize_on_decode=quantize_on_decode, dtype=dtype
@@ -94,83 +96,7 @@ def _find_yaml(ckpt: Path, config) -> Path:
     )
 
 
-def _read_yaml(path: Path) -> dict:
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise PriorLoadError(f"{path}: cannot read YAML ({first_line(e)})") from e
-    if not isinstance(cfg, dict):
-        raise PriorLoadError(f"{path}: not an LDM config (expected a mapping with a model: section)")
-    return cfg
-
-
-class _Inert:
-    """Stands in for any class a checkpoint pickles besides tensors (Lightning callbacks, optimizer
-    state classes, numpy scalars...): it accepts and ignores its arguments, so no foreign code runs."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-_ALLOWED_GLOBALS = {("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device")}
-
-
-class _TensorOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch._utils" and name.startswith("_rebuild_"):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return super().find_class(module, name)
-        return type(name, (_Inert,), {"__module__": f"inert.{module}"})
-
-
-_tensor_only_pickle = types.ModuleType("tensor_only_pickle")
-_tensor_only_pickle.Unpickler = _TensorOnlyUnpickler
-_tensor_only_pickle.load = lambda f, **kw: _TensorOnlyUnpickler(f, **kw).load()
-
-
-def _torch_load(path: Path, **kwargs):
-    """torch.load on CPU, memory-mapped when the file format allows it (no copy of a 2 GB file)."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, **kwargs)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-    return torch.load(path, map_location="cpu", **kwargs)
-
-
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """The flat ``state_dict`` of a Lightning-style ``.ckpt`` (or a plain state dict / safetensors file).
-
-    ``torch.load(weights_only=True)`` first; a checkpoint that also pickles other objects (official
-    Lightning checkpoints carry callbacks and optimizer state) is re-read with an unpickler that rebuilds
-    tensors only and replaces every other class by an inert stand-in, so loading never runs foreign code.
-    """
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types
-            raise PriorLoadError(f"{path}: cannot read safetensors ({first_line(e)})") from e
-    try:
-        obj = _torch_load(path, weights_only=True)
-    except pickle.UnpicklingError:
-        try:
-            obj = _torch_load(path, weights_only=False, pickle_module=_tensor_only_pickle)
-        except Exception as e:
-            raise PriorLoadError(f"{path}: cannot read checkpoint ({first_line(e)})") from e
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise PriorLoadError(f"{path}: cannot read checkpoint ({first_line(e)})") from e
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict):
-        raise PriorLoadError(f"{path}: not a checkpoint (no state_dict)")
-    return {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+_YAML_EXPECTED = "an LDM config (a mapping with a model: section)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +297,21 @@ def _vq_attention(sub: str):
     return f"{names[mod]}.{param}", (None if mod == "group_norm" else _linear_from_conv)
 
 
+#: a diffusers block parameter: (side, level, kind, index, rest), e.g. ``down_blocks.1.resnets.0.conv1.weight``
+_BLOCK_KEY = re.compile(r"(down|up|mid)_blocks?\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)")
+
+
+
+def _block_parts(name: str, key: str) -> tuple[str, int | None, str, int, str]:
+    """(side, level, kind, index, rest) of a block parameter ``name`` (level None in the mid block);
+    KeyError(key) for any other name."""
+    m = _BLOCK_KEY.fullmatch(name)
+    if not m:
+        raise KeyError(key)
+    side, lvl, kind, j, sub = m.groups()
+    return side, None if lvl is None else int(lvl), kind, int(j), sub
+
+
 def unet_key_map(cfg: dict):
     """``f(diffusers_key) -> (original_key, transform or None)`` for a ``UNet2DModel`` config."""
     nrb, hd = cfg["layers_per_block"], cfg["attention_head_dim"]
@@ -388,17 +329,12 @@ def unet_key_map(cfg: dict):
             return "out.0." + key.split(".", 1)[1], None
         if key.startswith("conv_out."):
             return "out.2." + key.split(".", 1)[1], None
-        m = re.fullmatch(r"(down|up|mid)_blocks?\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
-        if not m:
-            raise KeyError(key)
-        side, lvl, kind, j, sub = m.groups()
-        j = int(j)
+        side, lvl, kind, j, sub = _block_parts(key, key)
         if side == "mid":
             if kind == "resnets":
                 return f"middle_block.{2 * j}." + _resnet(_UNET_RESNET, sub)[0], None
             k, t = _unet_attention(sub, hd)
             return "middle_block.1." + k, t
-        lvl = int(lvl)
         block = 1 + lvl * per_level if side == "down" else lvl * per_level
         if kind == "resnets":
             return f"{side_name[side]}.{block + j}.0." + _resnet(_UNET_RESNET, sub)[0], None
@@ -424,17 +360,13 @@ def vq_key_map(cfg: dict):
             return key, None
         if rest.startswith("conv_norm_out."):
             return f"{part}.norm_out." + rest.split(".", 1)[1], None
-        m = re.fullmatch(r"(down|up|mid)_blocks?\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", rest)
-        if not m:
-            raise KeyError(key)
-        side, lvl, kind, j, sub = m.groups()
-        j = int(j)
+        side, lvl, kind, j, sub = _block_parts(rest, key)
         if side == "mid":
             if kind == "resnets":
                 return f"{part}.mid.block_{j + 1}." + _resnet(_VQ_RESNET, sub)[0], None
             k, t = _vq_attention(sub)
             return f"{part}.mid.attn_1." + k, t
-        lvl = int(lvl) if side == "down" else n - 1 - int(lvl)  # decoder up[L] is diffusers up_blocks[n-1-L]
+        lvl = lvl if side == "down" else n - 1 - lvl  # decoder up[L] is diffusers up_blocks[n-1-L]
         if kind == "resnets":
             return f"{part}.{side}.{lvl}.block.{j}." + _resnet(_VQ_RESNET, sub)[0], None
         resample = "downsample" if kind == "downsamplers" else "upsample"

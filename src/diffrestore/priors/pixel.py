@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DModel
 
-from diffrestore.priors.base import PixelPrior, alphas_cumprod_from_betas, linear_betas
+from diffrestore.priors.base import PixelPrior, adm_alphas_cumprod
 
 __all__ = ["UNetPixelPrior", "num_downsamplings"]
 
@@ -20,7 +20,7 @@ class UNetPixelPrior(PixelPrior):
 
     Args:
         unet: the network; put in eval mode, cast to ``dtype`` when given.
-        alphas_cumprod: (T,) training schedule; default the ADM linear schedule (1e-4..0.02, 1000 steps).
+        alphas_cumprod: (T,) training schedule; default ``adm_alphas_cumprod()`` (linear 1e-4..0.02, 1000 steps).
         dtype: compute dtype of the network (e.g. ``torch.bfloat16``); ``eps`` always returns float32.
         class_labels: default labels for a class-conditional network (``num_class_embeds``); one int or a
             (B,) tensor. ``eps(..., class_labels=...)`` overrides it per call.
@@ -35,7 +35,7 @@ class UNetPixelPrior(PixelPrior):
         class_labels: int | torch.Tensor | None = None,
     ):
         if alphas_cumprod is None:
-            alphas_cumprod = alphas_cumprod_from_betas(linear_betas())
+            alphas_cumprod = adm_alphas_cumprod()
         super().__init__(alphas_cumprod)
         if dtype is not None:
             # nn.Module.to: diffusers' ModelMixin.to warns about fp32-only modules UNet2DModel does not have
