@@ -118,7 +118,7 @@ def test_figures_are_nonblank_pngs_of_sensible_size(which, request):
     # Figure 4's panels and Figure 6's snapshots come from files stored in the run
     # first 2 images: clean; sr4: degraded, baseline, 2 methods, the sweep's fake-lat-2; denoise: 4
     assert len(list((run / "images").rglob("*.png"))) == 2 * (1 + 5 + 4)
-    for cell, steps in (("fake-pix-3", 3), ("fake-lat-4", 4)):  # both callback conventions
+    for cell, steps in (("fake-pix-3", 3), ("fake-lat-4", 4)):  # eager and lazily decoded x_t
         with np.load(run / "intermediates" / "sr4" / f"{cell}.npz") as z:
             assert list(z["step"]) == list(range(steps)) and z["x_t"].shape == z["x0"].shape == (steps, 3, fx.SIZE, fx.SIZE)
             assert list(z["t"]) == [999 - k * (1000 // steps) for k in range(steps)]

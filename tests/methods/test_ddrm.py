@@ -70,7 +70,7 @@ def test_noiseless_data_consistency_every_step(name, ddrm_helpers):
     rec = RecordingRandn()
     states = []
     out = ddrm.restore(LinearPrior(), op, y, sigma_y=0.0, steps=10, eta=0.85, eta_b=1.0, randn=rec,
-                       callback=lambda i, t, x_t, x0: states.append((t, x_t)))
+                       callback=lambda info: states.append((info["t"], info["x_t"])))
     states.append((-1, out))
     s = op.singulars.double()
     obs = s > 0

@@ -27,9 +27,9 @@ def _replay(ref, helpers, **kw):
     randn = ReplayRandn(ref["draws"][1:])  # draw 0 (y_noise) belongs to the measurement
     states, x0s = [], []
 
-    def cb(i, t, x_t, x0):
-        states.append(x_t.clone())
-        x0s.append(x0.clone())
+    def cb(info):
+        states.append(info["x_t"].clone())
+        x0s.append(info["x0"].clone())
 
     out = ddrm.restore(
         prior, op, ref["y_0"], sigma_y=ref["sigma_0_internal"], steps=len(ref["seq"]),
@@ -127,7 +127,7 @@ def test_end_to_end_with_our_adm_deno(golden_ddrm, ddrm_helpers):
     states = []
     out = ddrm.restore(
         prior, op, ref["y_0"], sigma_y=ref["sigma_0_internal"], steps=20, eta=0.85, eta_b=1.0,
-        randn=ReplayRandn(ref["draws"][1:]), callback=lambda i, t, x, x0: states.append(x.clone()),
+        randn=ReplayRandn(ref["draws"][1:]), callback=lambda info: states.append(info["x_t"].clone()),
     )
     states.append(out)
     errs = [ddrm_helpers.rel_l2(a, b) for a, b in zip(states, ref["xs"])]

@@ -16,8 +16,28 @@ import torch
 
 #: ``randn(shape) -> Tensor``: a Gaussian source (values N(0, 1), any device/dtype; callers cast)
 RandnFn = Callable[[tuple[int, ...]], torch.Tensor]
-#: ``callback(step_index, t, x_t, x0_pred)``: called once per network evaluation
-StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+class StepInfo(dict):
+    """What every method passes to ``callback`` once per network evaluation.
+
+    Keys: ``i`` (step index from 0), ``steps`` (number of steps), ``t`` (timestep), ``x_t`` (the state
+    the network evaluated, as a pixel image) and ``x0`` (its clean-image prediction, pixel image), plus
+    method-specific extras (e.g. latents ``z_t``/``z0``). Values given as zero-argument callables — a
+    latent decode — are computed on first access (``info["x_t"]``), so a progress bar that reads only
+    ``i`` costs nothing.
+    """
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if callable(value):
+            value = value()
+            self[key] = value
+        return value
+
+
+#: ``callback(info: StepInfo)``: called once per network evaluation
+StepCallback = Callable[[StepInfo], None]
 
 
 class MethodArgumentError(ValueError):

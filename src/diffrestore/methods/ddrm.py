@@ -51,6 +51,7 @@ from .common import (
     MethodArgumentError,
     RandnFn,
     StepCallback,
+    StepInfo,
     alpha_bar,
     make_randn,
     previous_timesteps,
@@ -94,8 +95,8 @@ def restore(
         generator: source of the default Gaussian draws (used on its own device).
         randn: ``randn(shape) -> Tensor`` replacing the default source; called in the official
             order and shapes (see module docstring), e.g. to replay a reference's draws.
-        callback: ``callback(step_index, t, x_t, x0_pred)`` once per step, ``x_t`` being the state
-            the network evaluated at ``t`` (``x_T`` at step 0) and ``x0_pred`` its x0 prediction.
+        callback: ``callback(info)`` once per step with a :class:`~.common.StepInfo` (``i``,
+            ``steps``, ``t``, ``x_t`` the state the network evaluated at ``t``, ``x0`` its prediction).
         x_T: the initial Gaussian image ``(B, C, H, W)`` (official ``x``); when given, it replaces
             the first draw. It is still mapped through the spectral initialisation.
         official_zero_singular_bug: reproduce the official handling of zero singular values
@@ -230,6 +231,6 @@ def restore(
 
         x_next = operator.V(nxt).reshape(img_shape).to(dtype).mul_(p["sqrt_a_next"])
         if callback is not None:
-            callback(k, p["t"], x, x0)
+            callback(StepInfo(i=k, steps=len(plan), t=p["t"], x_t=x, x0=x0))
         x = x_next
     return x

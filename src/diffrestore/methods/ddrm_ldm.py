@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..operators.base import ImageSizeError
+from .common import StepInfo
 from .ddim import ddim_schedule, ddim_step
 from .srldm import lr_conditioning
 
@@ -93,7 +94,7 @@ def restore(
         tau = ((1 - a_t) / a_t + rho**2) ** 0.5
         x0c = spectral_consistency(operator, x0, y, sigma_y, tau)
         if callback is not None:
-            callback({"i": i, "steps": len(schedule), "t": t, "x_t": prior.decode(z), "x0": x0c})
+            callback(StepInfo(i=i, steps=len(schedule), t=t, z_t=z, x_t=lambda z=z: prior.decode(z), x0=x0c))
         if i == len(schedule) - 1:
             break
         z0c = prior.encode(x0c)

@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .common import StepInfo
 from .ddim import ddim_sample, ddim_schedule
 
 LR_FILTERS = ("bicubic", "area", "bilinear")
@@ -93,9 +94,9 @@ def restore(
     """SRLDM restoration of ``y``; returns x_hat (B, C, H, W) in [-1, 1].
 
     ``randn(shape)``, when given, supplies every standard-normal draw in order (x_T, then one per step);
-    otherwise they come from ``generator``. ``callback(info)`` gets, after each step, ``i``, ``steps``,
-    ``t``, the latents ``z_t`` (the new state) and ``z0`` (its x0 prediction), and their decodes
-    ``x_t`` and ``x0`` cropped to (H, W); decoding only happens when a callback is given.
+    otherwise they come from ``generator``. ``callback(info)`` gets a ``StepInfo`` per step: ``i``,
+    ``steps``, ``t``, the latents ``z_t`` (the state the UNet evaluated) and ``z0`` (its x0
+    prediction), and their decodes ``x_t`` and ``x0`` cropped to (H, W), decoded only when read.
     """
     del sigma_y  # SRLDM conditions on the measurement as if it were a clean LR image
     _, H, W = operator.in_shape
@@ -121,11 +122,11 @@ def restore(
         if callback is not None:
 
             def step_cb(info):
-                callback({
-                    "i": info["i"], "steps": steps, "t": info["t"],
-                    "z_t": info["x"], "z0": info["pred_x0"],
-                    "x_t": decode(info["x"]), "x0": decode(info["pred_x0"]),
-                })
+                z_t, z0 = info["x_t"], info["pred_x0"]
+                callback(StepInfo(
+                    i=info["i"], steps=steps, t=info["t"], z_t=z_t, z0=z0,
+                    x_t=lambda: decode(z_t), x0=lambda: decode(z0),
+                ))
 
         z0 = ddim_sample(
             lambda z, t: prior.eps(z, t, lr),
