@@ -1,7 +1,8 @@
 """One restoration, end to end: image -> (degrade) -> method -> restored image + record.
 
-The CLI's ``restore`` command, the evaluation grid and the demo all call ``restore_one`` so a
-result never depends on which entry point produced it.
+The CLI's ``restore`` command, the evaluation grid and the demo all run methods through
+``run_method`` with seeds from ``image_seed``, so a result never depends on which entry point (or
+which batch, order or process) produced it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import hashlib
 import sys
 import math
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -50,16 +50,6 @@ def lcm(*values: int) -> int:
     for v in values:
         out = out * int(v) // math.gcd(out, int(v))
     return out
-
-
-@dataclass
-class Restoration:
-    """Everything one restoration produced."""
-
-    x_hat: torch.Tensor
-    y: torch.Tensor
-    seconds: float
-    record: dict = field(default_factory=dict)
 
 
 def run_method(
@@ -187,7 +177,7 @@ def restore_file_inputs(
             method, {"pixel": prior, "latent": prior}, task, y, steps=steps, seed=image_seed(seed, image_id), callback=on_step, **method_kwargs
         )
         step_bar.close()
-        x_hat = x_hat.clamp(-1, 1)
+        raw, x_hat = x_hat, x_hat.clamp(-1, 1)
         stem = path.stem
         record = {
             "input": str(path),
@@ -213,6 +203,8 @@ def restore_file_inputs(
                 baseline_psnr=float(psnr(baseline, x)[0]),
                 baseline_ssim=float(ssim(baseline, x)[0]),
                 consistency=float((task.operator.H(x_hat) - y).norm()),
+                # before clamping to [-1, 1]: what the method itself enforces, whatever the prior's quality
+                consistency_raw=float((task.operator.H(raw) - y).norm()),
                 baseline_consistency=float((task.operator.H(baseline) - y).norm()),
             )
             files[f"{stem}_{task_name}_degraded.png"] = task.operator.to_image(y)
