@@ -13,7 +13,9 @@ Files in RUN
 ``records.jsonl``    one JSON object per line and per (method, task, steps, image): ``task, method,
                      steps, image_id, index, psnr, ssim, consistency`` (= ||H x_hat - y||),
                      ``seconds`` and, when stored, ``features`` / ``image`` (paths relative to
-                     RUN). The degraded-input baseline has ``method "baseline"``, ``steps 0``.
+                     RUN). The degraded-input baseline has ``method "baseline"``, ``steps 0``;
+                     every grid has it. ``--methods baseline`` alone makes a baseline-only run
+                     (no method, no prior, no model loaded); naming methods later extends it.
                      Append-only; each line is written with one ``os.write`` on an ``O_APPEND`` fd
                      and fsynced, so concurrent ranks never interleave. Readers skip a line that
                      does not parse (a writer killed mid-line) and keep the first of duplicates.
@@ -423,7 +425,11 @@ def prepare(spec: EvalSpec) -> Plan:
         if t not in tasks:
             tasks.append(t)
     methods = list(o_grid.get("methods", []))
-    for m in spec.methods or ([] if old else DEFAULT_METHODS):
+    if spec.methods:  # "baseline" names the Baseline row, which every grid has: --methods baseline = only it
+        asked = [m for m in spec.methods if m != BASELINE]
+    else:
+        asked = [] if old else DEFAULT_METHODS
+    for m in asked:
         get_method(m)
         if m not in methods:
             methods.append(m)
@@ -686,17 +692,10 @@ class _Resources:
         return task.operator.measure(x, task.sigma_y, generator=g).to(self.plan.device)
 
 
-def _snapshot(*args) -> tuple[int, float, torch.Tensor, torch.Tensor]:
-    """(step, t, x_t, x0) of image 0 from a method's callback, in either convention:
-    ``callback(step_index, t, x_t, x0_pred)`` (ddrm, ddrm-srldm) or ``callback(info)`` with keys
-    ``i, t, x_t, x0`` (srldm, ddrm-ldm; images decoded from the latents)."""
-    if len(args) == 1 and isinstance(args[0], dict):
-        info = args[0]
-        k, t, x_t, x0 = info["i"], info["t"], info["x_t"], info["x0"]
-    else:
-        k, t, x_t, x0 = args
-    t = float(torch.as_tensor(t).reshape(-1)[0])
-    return int(k), t, x_t[0].detach().float().cpu().half(), x0[0].detach().float().cpu().half()
+def _snapshot(info) -> tuple[int, float, torch.Tensor, torch.Tensor]:
+    """(step, t, x_t, x0) of image 0 from a method's ``StepInfo`` (see ``methods.common``)."""
+    t = float(torch.as_tensor(info["t"]).reshape(-1)[0])
+    return int(info["i"]), t, info["x_t"][0].detach().float().cpu().half(), info["x0"][0].detach().float().cpu().half()
 
 
 def _bars(plan: Plan, dist: Dist, todo: list[tuple[int, str, list]]):
@@ -768,8 +767,8 @@ def run_records(plan: Plan, dist: Dist, res: _Resources) -> int:
                 callback = None
                 if i == 0 and task_name == grid["figure_task"] and method != BASELINE and steps == grid["steps"].get(method):
 
-                    def callback(*args, _snaps=snaps):
-                        _snaps.append(_snapshot(*args))
+                    def callback(info, _snaps=snaps):
+                        _snaps.append(_snapshot(info))
 
                 if method == BASELINE:
                     start = time.perf_counter()
