@@ -54,3 +54,8 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
     io.atomic_write_json(target, {"a": 1})
     assert target.read_text() == '{\n  "a": 1\n}\n' and len(list(tmp_path.iterdir())) == 1
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    io.atomic_write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~io._UMASK

@@ -138,6 +138,28 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def cmd_priors(args) -> int:
+    from diffrestore.priors.catalog import SPEC_FORMATS, builtin_dir, list_builtin_priors
+
+    notes: list[str] = []
+    priors = list_builtin_priors(notes)
+    if priors:
+        print(f"built-in priors (--prior builtin:NAME; in {builtin_dir()}):")
+        w = max(len(p.name) for p in priors)
+        for p in priors:
+            print(f"  {p.name:{w}s}  {p.kind:6s}  {p.size_mb:8.1f} MB  {p.description}")
+    else:
+        print(f"built-in priors: none installed (folder {builtin_dir()})")
+    for note in notes:
+        print(f"  note: {note}")
+    print()
+    print("--prior SPEC accepts:")
+    w = max(len(spec) for spec, _ in SPEC_FORMATS)
+    for spec, what in SPEC_FORMATS:
+        print(f"  {spec:{w}s}  {what}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # evaluate / report
 # --------------------------------------------------------------------------------------------
@@ -231,15 +253,119 @@ def cmd_report(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="restore a few sample photos with every method and task: a comparison grid, a metrics table",
+        description="Restore scikit-image's bundled sample photos (astronaut, coffee, chelsea, rocket; no download) "
+        "for the tasks sr4, deblur, denoise, noisy-sr4 with ddrm (pixel prior) and srldm, ddrm-srldm, ddrm-ldm "
+        "(latent prior), and write OUT/demo_grid.png, OUT/metrics.md, OUT/metrics.csv, OUT/summary.json and the "
+        "images in OUT/images/. PSNR/SSIM are computed on the saved 8-bit PNGs. Methods whose built-in prior is "
+        "not trained yet are skipped with a warning (unless named with --methods).",
+    )
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--images", type=int, default=3, help="number of sample photos, 1-4 (default 3)")
+    p.add_argument("--size", type=int, default=256, help="photos are centre-cropped and resized to SIZE (default 256)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: ddrm,srldm,ddrm-srldm,ddrm-ldm)")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: sr4,deblur,denoise,noisy-sr4)")
+    p.add_argument(
+        "--steps", default=None,
+        help="N for every method, or per method, e.g. ddrm:10,srldm:25 (default: ddrm 20, srldm 50, ddrm-srldm 20, ddrm-ldm 50)",
+    )  # fmt: skip
+    p.add_argument("--pixel-prior", default=None, metavar="SPEC", help="pixel prior for ddrm (default builtin:pixel-s)")
+    p.add_argument("--latent-prior", default=None, metavar="SPEC", help="latent SR prior (default builtin:ldmsr-s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads for torch (default: torch's choice, one per core; 1 is faster on a busy machine)",
+    )  # fmt: skip
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from diffrestore import demo
+    from diffrestore.evaluation.runner import parse_list, parse_steps
+
+    spec = demo.DemoSpec(
+        out=Path(args.out),
+        images=args.images,
+        size=args.size,
+        methods=parse_list(args.methods, "--methods"),
+        tasks=parse_list(args.tasks, "--tasks"),
+        steps=parse_steps(args.steps),
+        pixel_prior=args.pixel_prior,
+        latent_prior=args.latent_prior,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be at least 1, got {args.threads}")
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        plan = demo.prepare(spec)  # every user error is raised here, before anything is written
+        demo.warn_skipped(plan)
+        created = _check_writable_dir(spec.out)
+        written: list[Path] = []
+        try:
+            summary = demo.execute(plan, written)
+        except BaseException:
+            for f in written:
+                f.unlink(missing_ok=True)
+            _remove_if_empty(spec.out / "images")
+            if created:
+                _remove_if_empty(spec.out)
+            raise
+    finally:
+        torch.set_num_threads(threads)
+    demo.print_results(summary, spec.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffrestore", description="Diffusion-based image restoration and benchmarking.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_restore(sub)
     p = sub.add_parser("tasks", help="list the degradation tasks")
     p.set_defaults(func=cmd_tasks)
+    p = sub.add_parser("priors", help="list the built-in priors and the formats --prior accepts")
+    p.set_defaults(func=cmd_priors)
     _add_evaluate(sub)
     _add_report(sub)
+    _add_demo(sub)
+    _add_train(sub)
     return parser
+
+
+TRAINERS = {"pixel": "diffrestore.training.pixel", "latent-sr": "diffrestore.training.latent_sr"}
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a built-in prior (pixel, or latent-sr: stages autoencoder then unet)",
+        description="Train a prior from a folder of photos; resumable (--resume). "
+        "`diffrestore train pixel --help` / `diffrestore train latent-sr --help` list the options.",
+        add_help=False,
+    )
+    p.add_argument("kind", choices=sorted(TRAINERS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the trainer's own options")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    import importlib
+
+    return importlib.import_module(TRAINERS[args.kind]).main(args.args)
 
 
 def main(argv=None) -> int:

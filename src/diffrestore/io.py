@@ -18,6 +18,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class ImageReadError(ValueError):
     """A file that cannot be read as an image."""
 
@@ -84,6 +88,7 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
     try:
         yield Path(tmp)
         os.replace(tmp, path)

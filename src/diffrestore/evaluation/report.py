@@ -11,6 +11,9 @@ SSIM | FID | Throughput, baseline first), ``tables.csv``, ``fig4_grid.png``,
 ``fig6_intermediates.png``, ``fig7_fid_throughput.png`` and its data ``fig7.csv``; ``fid_cache.json``
 keeps FID/KID per cell under a digest of the features they came from (a stale entry is recomputed).
 
+Image grids (Figure 4, and ``diffrestore demo``'s comparison grid) are drawn by
+:func:`draw_image_grid`, with a fixed pixel layout (:class:`GridGeometry`).
+
 When the Inception features are missing the FID cells say why (``n/a (no Inception weights:
 ...)``); no number is ever made up. Timing fields (``seconds_per_image`` and ``throughput_*``) are
 the only ones that differ between two runs of the same grid.
@@ -304,25 +307,110 @@ def _show(ax, img, title=None) -> None:
         ax.set_title(title, fontsize=8)
 
 
-def figure4(results: dict, run: Path, path: Path) -> None:
+class GridGeometry:
+    """Pixel layout of an image grid: ``nrows`` x ``ncols`` square cells of ``cell_px`` pixels.
+
+    From the top: an optional title band, the column titles, then the rows; each row is a band of
+    cells plus (with captions) a caption strip below every cell. Row labels sit in a left margin.
+    ``box(r, c)`` is the (left, top, right, bottom) pixel box of cell (r, c) in the saved PNG,
+    whose size is exactly ``size``.
+    """
+
+    TITLE_PX = 30
+    COL_TITLE_PX = 40
+    CAPTION_PX = 20
+    GAP_PX = 6
+    MARGIN_PX = 6
+
+    def __init__(self, nrows: int, ncols: int, *, cell_px: int, label_px: int, captions: bool, title: bool):
+        self.nrows, self.ncols, self.cell = int(nrows), int(ncols), int(cell_px)
+        self.left = int(label_px)
+        self.top = (self.TITLE_PX if title else self.MARGIN_PX) + self.COL_TITLE_PX
+        self.row_px = self.cell + (self.CAPTION_PX if captions else 0)
+        width = self.left + self.ncols * self.cell + (self.ncols - 1) * self.GAP_PX + self.MARGIN_PX
+        height = self.top + self.nrows * self.row_px + (self.nrows - 1) * self.GAP_PX + self.MARGIN_PX
+        self.size = (width, height)
+
+    def box(self, r: int, c: int) -> tuple[int, int, int, int]:
+        x0 = self.left + c * (self.cell + self.GAP_PX)
+        y0 = self.top + r * (self.row_px + self.GAP_PX)
+        return x0, y0, x0 + self.cell, y0 + self.cell
+
+
+def draw_image_grid(
+    path: Path,
+    cells: list[list],
+    *,
+    col_titles: list[str],
+    row_labels: list[str],
+    captions: list[list] | None = None,
+    bold: set[tuple[int, int]] = frozenset(),
+    title: str | None = None,
+    cell_px: int = 160,
+    label_px: int = 90,
+    dpi: int = 100,
+) -> GridGeometry:
+    """Draw a grid of images (``cells[r][c]``: an (H, W[, 3]) array, uint8 or float in [0, 1], or None
+    for "missing") with a title per column (above the first row), a label per row (left, horizontal),
+    an optional caption under each cell (``captions[r][c]``, None for none; cells in ``bold`` get a
+    bold caption) and an optional figure title; save it as a PNG at ``path`` (atomically).
+
+    Images fill their square cell (nearest-neighbour, so a small measurement shows its pixels).
+    Returns the :class:`GridGeometry`: the PNG is exactly ``geometry.size`` pixels and cell (r, c)
+    is drawn inside ``geometry.box(r, c)``.
+    """
     from matplotlib.figure import Figure
 
+    nrows, ncols = len(cells), len(col_titles)
+    if len(row_labels) != nrows or any(len(row) != ncols for row in cells):
+        raise ValueError(f"grid of {nrows} rows x {ncols} columns needs {nrows} row labels and {ncols} cells per row")
+    geo = GridGeometry(
+        max(1, nrows), ncols, cell_px=cell_px, label_px=label_px, captions=captions is not None, title=title is not None
+    )
+    width, height = geo.size
+    # +0.25 px: the canvas is int(inches * dpi) pixels, so float rounding cannot lose a pixel
+    fig = Figure(figsize=((width + 0.25) / dpi, (height + 0.25) / dpi), dpi=dpi)
+    if title:
+        fig.text(0.5, 1 - geo.MARGIN_PX / height, title, ha="center", va="top", fontsize=11)
+    for r, row in enumerate(cells):
+        for c, img in enumerate(row):
+            x0, y0, x1, y1 = geo.box(r, c)
+            ax = fig.add_axes((x0 / width, 1 - y1 / height, (x1 - x0) / width, (y1 - y0) / height))
+            _show(ax, img, col_titles[c] if r == 0 else None)
+            ax.set_aspect("auto")
+            if r == 0:
+                ax.title.set_fontsize(10)
+            if c == 0:
+                ax.text(-8 / geo.cell, 0.5, row_labels[r], transform=ax.transAxes, ha="right", va="center", fontsize=10)
+            if captions is not None and captions[r][c]:
+                ax.text(
+                    0.5, -3 / geo.cell, captions[r][c], transform=ax.transAxes, ha="center", va="top", fontsize=9,
+                    fontweight="bold" if (r, c) in bold else "normal",
+                )  # fmt: skip
+    _save_figure(fig, path)
+    return geo
+
+
+def figure4(results: dict, run: Path, path: Path) -> None:
     grid, n = results["grid"], results["n_images"]
     methods = [(m, grid["steps"][m]) for m in grid["methods"]]
     rows = [(t, i) for t in grid["tasks"] for i in range(min(FIGURE_IMAGES, n))]
     cols = ["original", "degraded"] + [method_label(m, s) for m, s in methods]
-    fig = Figure(figsize=(1.7 * len(cols), 1.8 * max(1, len(rows))), dpi=100)
-    axes = fig.subplots(max(1, len(rows)), len(cols), squeeze=False)
-    for r, (task, i) in enumerate(rows):
+    cells = []
+    for task, i in rows:
         name = image_name(i, n)
         imgs = [run / "images" / "clean" / f"{name}.png", run / "images" / task / "degraded" / f"{name}.png"]
         imgs += [run / "images" / cell_dir(task, m, s) / f"{name}.png" for m, s in methods]
-        for c, p in enumerate(imgs):
-            _show(axes[r][c], _read_png(p), cols[c] if r == 0 else None)
-        axes[r][0].set_ylabel(f"{task}\nimage {i}", fontsize=8)
-    fig.suptitle("Figure 4: restorations (rows: task / image; columns: original, degraded, methods)", fontsize=9)
-    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.01, top=1 - 0.55 / fig.get_figheight(), wspace=0.05, hspace=0.12)
-    _save_figure(fig, path)
+        cells.append([_read_png(p) for p in imgs])
+    draw_image_grid(
+        path,
+        cells,
+        col_titles=[textwrap.fill(c, 18) for c in cols],
+        row_labels=[f"{task}\nimage {i}" for task, i in rows],
+        title="Figure 4: restorations (rows: task / image; columns: original, degraded, methods)",
+        cell_px=150,
+        label_px=80,
+    )
 
 
 def _display(a: np.ndarray) -> tuple[np.ndarray, bool]:

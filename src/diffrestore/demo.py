@@ -1,0 +1,428 @@
+"""``diffrestore demo``: restore a few real photos with every method and show the results side by side.
+
+The photos are scikit-image's bundled samples (``skimage.data.astronaut``, ``coffee``, ``chelsea``,
+``rocket``: shipped with the package, no download), prepared as the evaluation prepares its images
+(``evaluation.data.center_crop_resize``: centre square crop, bilinear resize to ``--size``). For each
+(photo, task) the clean photo is degraded once, with a generator seeded from
+``pipeline.image_seed(seed, photo + '#measurement')`` exactly as ``diffrestore evaluate`` does; the
+task's baseline (``Task.baseline``) and then every method (``pipeline.run_method``, seed
+``image_seed(seed, photo)``) restore that one measurement.
+
+Outputs in OUT (every file written atomically):
+
+* ``images/{photo}_clean.png``, ``images/{photo}_{task}_degraded.png`` (the measurement as an image:
+  64x64 for sr4 at 256), ``images/{photo}_{task}_baseline.png``, ``images/{photo}_{task}_{method}.png``;
+* ``demo_grid.png``: one row per (photo, task), columns clean | degraded | baseline | methods, each
+  column titled, each cell captioned with its PSNR (the best of the row in bold);
+* ``metrics.md`` / ``metrics.csv``: task | method | steps | PSNR | SSIM | seconds per image, averaged
+  over the photos, the baseline first within each task;
+* ``summary.json``: settings, skipped methods, per-restoration records, the table, the grid layout,
+  wall time and peak memory (written last: its presence means the demo finished).
+
+Metric convention: PSNR and SSIM are computed on the **8-bit images that are saved**
+(``metrics.psnr(..., quantize=True)``: the restored float image rounded exactly as the PNG writer
+rounds it), so every number can be recomputed from the PNGs in ``images/``. The clean photos are
+8-bit to begin with.
+
+Priors not trained yet: a built-in prior whose folder is still incomplete (e.g. ``ldmsr-s`` without
+``unet/`` while it trains) makes the demo skip the methods that need it, with a warning, as long as
+the methods were not named with ``--methods`` and at least one method remains. A method named with
+``--methods`` whose prior cannot be loaded, or a prior given by path that fails to load, is an error.
+Every user error (unknown method or task, bad size, missing prior) is raised before anything is
+written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import math
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffrestore import io
+from diffrestore.methods import METHODS, get_method
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+TASKS = ("sr4", "deblur", "denoise", "noisy-sr4")
+METHOD_ORDER = ("ddrm", "srldm", "ddrm-srldm", "ddrm-ldm")
+#: demo step counts (DDRM 20, the latent samplers 50, ddrm-srldm its registry default)
+DEFAULT_STEPS = {"ddrm": 20, "srldm": 50, "ddrm-srldm": METHODS["ddrm-srldm"].default_steps, "ddrm-ldm": 50}
+DEFAULT_PRIORS = {"pixel": "builtin:pixel-s", "latent": "builtin:ldmsr-s"}
+BASELINE = "baseline"
+GRID_CELL_PX = 192
+GRID_LABEL_PX = 100
+CSV_FIELDS = ("task", "method", "steps", "n_images", "psnr", "ssim", "seconds_per_image")
+METRIC_NOTE = "PSNR (dB) and SSIM against the clean photo, computed on the saved 8-bit PNGs"
+
+
+class DemoError(ValueError):
+    """A user error of the demo (one line, exit status 2)."""
+
+
+@dataclass
+class DemoSpec:
+    out: Path
+    images: int = 3
+    size: int = 256
+    methods: list[str] | None = None  # None: every method of METHOD_ORDER whose prior is available
+    tasks: list[str] | None = None
+    steps: dict[str, int] = field(default_factory=dict)  # {"*": N} and/or {method: N}
+    pixel_prior: str | None = None
+    latent_prior: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class DemoPlan:
+    spec: DemoSpec
+    photos: list[tuple[str, torch.Tensor]]  # (name, (1, 3, size, size) clean image on the CPU)
+    tasks: dict  # name -> Task
+    methods: list[str]
+    steps: dict[str, int]
+    priors: dict  # kind -> prior
+    prior_specs: dict[str, str]
+    skipped: list[dict]
+    started: float
+
+
+# --------------------------------------------------------------------------------------------
+# preparation: everything that can fail because of the user happens here, before any write
+# --------------------------------------------------------------------------------------------
+
+
+def load_photo(name: str, size: int) -> torch.Tensor:
+    """scikit-image sample photo ``name`` as (1, 3, size, size) in [-1, 1], prepared like the
+    evaluation images (centre square crop, bilinear resize)."""
+    import skimage.data
+    from PIL import Image
+
+    from diffrestore.evaluation.data import center_crop_resize
+
+    img = io.pil_to_rgb(Image.fromarray(getattr(skimage.data, name)()))
+    return io.uint8_to_tensor(np.asarray(center_crop_resize(img, size))).unsqueeze(0)
+
+
+def _builtin_missing(spec: str) -> str | None:
+    """For ``builtin:NAME`` whose folder is there but incomplete (still training), why; else None."""
+    from diffrestore.priors.catalog import BUILTIN_PREFIX, builtin_dir, list_builtin_priors
+
+    if not spec.startswith(BUILTIN_PREFIX):
+        return None
+    name = spec[len(BUILTIN_PREFIX) :]
+    if not (builtin_dir() / name).is_dir():
+        return None  # unknown name: load_prior says so
+    notes: list[str] = []
+    if any(p.name == name for p in list_builtin_priors(notes)):
+        return None
+    return next((n for n in notes if f"{name!r}" in n), f"builtin prior {name!r} is incomplete")
+
+
+def _resolve_steps(methods: list[str], steps: dict[str, int]) -> dict[str, int]:
+    unknown = [m for m in steps if m != "*" and m not in METHODS]
+    if unknown:
+        raise DemoError(f"--steps: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return {m: steps.get(m, steps.get("*", DEFAULT_STEPS.get(m, get_method(m).default_steps))) for m in methods}
+
+
+def prepare(spec: DemoSpec) -> DemoPlan:
+    """Validate the spec, load the priors and the photos. Raises DemoError / ValueError (one line)."""
+    from diffrestore.operators.tasks import make_task
+    from diffrestore.pipeline import lcm, prior_multiple
+    from diffrestore.priors.loading import load_prior
+
+    started = time.perf_counter()
+    if not 1 <= spec.images <= len(PHOTOS):
+        raise DemoError(f"--images must be between 1 and {len(PHOTOS)} (the photos: {', '.join(PHOTOS)}), got {spec.images}")
+    if spec.size < 16:
+        raise DemoError(f"--size must be at least 16, got {spec.size}")
+    if str(spec.device).startswith("cuda") and not torch.cuda.is_available():
+        raise DemoError(f"--device {spec.device}: CUDA is not available")
+    explicit = spec.methods is not None
+    methods = list(dict.fromkeys(spec.methods)) if explicit else list(METHOD_ORDER)
+    for m in methods:
+        get_method(m)  # unknown method -> ValueError naming the choices
+    task_names = list(dict.fromkeys(spec.tasks)) if spec.tasks is not None else list(TASKS)
+    tasks = {t: make_task(t, (3, spec.size, spec.size)) for t in task_names}  # unknown task / bad size
+    steps = _resolve_steps(methods, spec.steps)
+
+    given = {"pixel": spec.pixel_prior, "latent": spec.latent_prior}
+    prior_specs = {k: given[k] or DEFAULT_PRIORS[k] for k in given}
+    priors: dict = {}
+    skipped: list[dict] = []
+    kinds = [k for k in ("pixel", "latent") if any(get_method(m).prior == k for m in methods)]
+    for kind in list(kinds):  # first what is missing (cheap), then load what is there
+        missing = _builtin_missing(prior_specs[kind])
+        if missing:
+            users = [m for m in methods if get_method(m).prior == kind]
+            if explicit:
+                verb = "needs" if len(users) == 1 else "need"
+                raise DemoError(f"{', '.join(users)} {verb} the {kind} prior {prior_specs[kind]}, which is not usable: {missing}")
+            skipped += [{"method": m, "prior": prior_specs[kind], "reason": missing} for m in users]
+            kinds.remove(kind)
+    if not kinds:
+        raise DemoError("no method can run: " + "; ".join(sorted({f"{s['prior']}: {s['reason']}" for s in skipped})))
+    for kind in kinds:
+        priors[kind] = load_prior(prior_specs[kind], device=spec.device, kind=kind)
+    methods = [m for m in methods if get_method(m).prior in priors]
+    for m in methods:
+        prior = priors[get_method(m).prior]
+        for t, task in tasks.items():
+            factor = max(1, spec.size // task.operator.measurement_shape[-1])
+            multiple = lcm(factor, prior_multiple(prior))
+            if spec.size % multiple:
+                raise DemoError(f"--size {spec.size} does not suit {m} on {t}: the image side must be a multiple of {multiple}")
+    photos = [(name, load_photo(name, spec.size)) for name in PHOTOS[: spec.images]]
+    return DemoPlan(spec, photos, tasks, methods, steps, priors, prior_specs, skipped, started)
+
+
+def warn_skipped(plan: DemoPlan) -> None:
+    by_prior: dict[tuple[str, str], list[str]] = {}
+    for s in plan.skipped:
+        by_prior.setdefault((s["prior"], s["reason"]), []).append(s["method"])
+    for (prior, reason), methods in by_prior.items():
+        kind = get_method(methods[0]).prior
+        print(
+            f"diffrestore: warning: skipping {', '.join(methods)}: {reason} ({prior}; pass --{kind}-prior SPEC to use another)",
+            file=sys.stderr,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# execution
+# --------------------------------------------------------------------------------------------
+
+
+def _metrics(x_hat: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
+    from diffrestore.evaluation.metrics import psnr, ssim
+
+    return {"psnr": float(psnr(x_hat, clean, quantize=True)[0]), "ssim": float(ssim(x_hat, clean, quantize=True)[0])}
+
+
+def _col_title(method: str, steps: int) -> str:
+    return f"{method}\n{steps} steps"
+
+
+def execute(plan: DemoPlan, written: list[Path]) -> dict:
+    """Run every restoration and write the outputs into ``plan.spec.out`` (which must exist and be
+    writable). Every file written is appended to ``written``. Returns the summary."""
+    from tqdm import tqdm
+
+    from diffrestore.pipeline import image_seed, make_generator, run_method
+
+    spec = plan.spec
+    out, images_dir = Path(spec.out), Path(spec.out) / "images"
+    images_dir.mkdir(exist_ok=True)
+
+    def save(name: str, x: torch.Tensor) -> str:
+        io.write_image(images_dir / name, x)
+        written.append(images_dir / name)
+        return f"images/{name}"
+
+    records: list[dict] = []
+    grid_rows: list[dict] = []
+    total = len(plan.photos) * len(plan.tasks) * len(plan.methods)
+    bar = tqdm(total=total, desc="demo", unit="restoration", disable=not spec.progress, dynamic_ncols=True)
+    try:
+        for name, x in plan.photos:
+            clean_file = save(f"{name}_clean.png", x)
+            xd = x.to(spec.device)
+            for task_name, task in plan.tasks.items():
+                g = make_generator(image_seed(spec.seed, name + "#measurement"))
+                y = task.operator.measure(x, task.sigma_y, generator=g).to(spec.device)
+                degraded = task.operator.to_image(y)
+                row = {"image": name, "task": task_name, "clean": clean_file, "degraded": save(f"{name}_{task_name}_degraded.png", degraded)}
+                row["degraded_size"] = list(degraded.shape[-2:])
+                row["degraded_psnr"] = _metrics(degraded, xd)["psnr"] if degraded.shape == xd.shape else None
+                start = time.perf_counter()
+                base = task.baseline(y)
+                seconds = time.perf_counter() - start
+                cells = [(BASELINE, 0, base.clamp(-1, 1), seconds)]
+                for method in plan.methods:
+                    bar.set_postfix_str(f"{name} {task_name} {method}", refresh=True)
+                    x_hat, seconds = run_method(
+                        method, plan.priors, task, y, steps=plan.steps[method], seed=image_seed(spec.seed, name)
+                    )
+                    cells.append((method, plan.steps[method], x_hat.detach().float().clamp(-1, 1), seconds))
+                    bar.update(1)
+                row["cells"] = []
+                for method, steps, x_hat, seconds in cells:
+                    rec = {"image": name, "task": task_name, "method": method, "steps": steps, "seconds": seconds}
+                    rec.update(_metrics(x_hat, xd))
+                    rec["file"] = save(f"{name}_{task_name}_{method}.png", x_hat)
+                    records.append(rec)
+                    row["cells"].append(rec)
+                grid_rows.append(row)
+    finally:
+        bar.close()
+
+    table = _table(records, plan)
+    io.atomic_write_text(out / "metrics.csv", metrics_csv(table))
+    written.append(out / "metrics.csv")
+    io.atomic_write_text(out / "metrics.md", metrics_markdown(table, plan))
+    written.append(out / "metrics.md")
+    grid = _draw_grid(grid_rows, plan, out / "demo_grid.png")
+    written.append(out / "demo_grid.png")
+
+    wall = time.perf_counter() - plan.started
+    summary = {
+        "format": 1,
+        "settings": {
+            "photos": [n for n, _ in plan.photos],
+            "photo_source": "scikit-image sample data (skimage.data), centre-cropped and resized like the evaluation",
+            "size": spec.size,
+            "seed": spec.seed,
+            "tasks": list(plan.tasks),
+            "methods": plan.methods,
+            "steps": plan.steps,
+            "priors": {k: v for k, v in plan.prior_specs.items() if k in plan.priors},
+            "device": str(spec.device),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+        },
+        "metric_convention": METRIC_NOTE + " (metrics.psnr / metrics.ssim with quantize=True)",
+        "skipped": plan.skipped,
+        "records": records,
+        "table": table,
+        "grid": grid,
+        "files": {
+            "grid": "demo_grid.png",
+            "metrics_md": "metrics.md",
+            "metrics_csv": "metrics.csv",
+            "images": sorted({str(p.relative_to(out)) for p in written if p.parent == images_dir}),
+        },
+        "restorations": len(records) - len(grid_rows),
+        "restore_seconds": math.fsum(r["seconds"] for r in records),
+        "wall_seconds": wall,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    io.atomic_write_json(out / "summary.json", summary)
+    written.append(out / "summary.json")
+    return summary
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (getrusage ru_maxrss), in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+# --------------------------------------------------------------------------------------------
+# table and grid
+# --------------------------------------------------------------------------------------------
+
+
+def _table(records: list[dict], plan: DemoPlan) -> list[dict]:
+    """One row per (task, method), averaged over the photos; the baseline first within each task."""
+    rows = []
+    for task in plan.tasks:
+        for method in [BASELINE, *plan.methods]:
+            rs = [r for r in records if r["task"] == task and r["method"] == method]
+            n = len(rs)
+            rows.append({
+                "task": task,
+                "method": method,
+                "steps": rs[0]["steps"],
+                "n_images": n,
+                "psnr": math.fsum(r["psnr"] for r in rs) / n,
+                "ssim": math.fsum(r["ssim"] for r in rs) / n,
+                "seconds_per_image": math.fsum(r["seconds"] for r in rs) / n,
+            })  # fmt: skip
+    return rows
+
+
+def metrics_csv(table: list[dict]) -> str:
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), lineterminator="\n")
+    w.writeheader()
+    for r in table:
+        w.writerow({k: r[k] for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+def metrics_markdown(table: list[dict], plan: DemoPlan) -> str:
+    spec = plan.spec
+    lines = [
+        "# diffrestore demo",
+        "",
+        f"- photos: {', '.join(n for n, _ in plan.photos)} (scikit-image samples), {spec.size}x{spec.size}, seed {spec.seed}",
+        "- priors: " + ", ".join(f"{k} `{v}`" for k, v in plan.prior_specs.items() if k in plan.priors),
+        f"- {METRIC_NOTE}; mean over {len(plan.photos)} photo(s); time: the method alone, seconds per image on {spec.device}",
+    ]
+    if plan.skipped:
+        lines.append("- skipped: " + "; ".join(f"{s['method']} ({s['reason']})" for s in plan.skipped))
+    lines += [
+        "",
+        "| Task | Method | Steps | PSNR (dB) | SSIM | Time per image (s) |",
+        "|:--|:--|--:|--:|--:|--:|",
+    ]
+    for r in table:
+        steps = "—" if r["method"] == BASELINE else str(r["steps"])
+        lines.append(f"| {r['task']} | {r['method']} | {steps} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['seconds_per_image']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _draw_grid(rows: list[dict], plan: DemoPlan, path: Path) -> dict:
+    """demo_grid.png from the saved PNGs (what is shown is what was scored)."""
+    from diffrestore.evaluation.report import draw_image_grid
+
+    out = Path(plan.spec.out)
+    columns = ["clean", "degraded", BASELINE, *plan.methods]
+    titles = ["clean", "degraded", "baseline"] + [_col_title(m, plan.steps[m]) for m in plan.methods]
+    cells, captions, bold = [], [], set()
+    for r, row in enumerate(rows):
+        scored = row["cells"]  # baseline, then the methods
+        h, w = row["degraded_size"]
+        deg = f"{row['degraded_psnr']:.2f} dB" if row["degraded_psnr"] is not None else f"input {w}x{h}"
+        cells.append([_read_png(out / row["clean"]), _read_png(out / row["degraded"])] + [_read_png(out / c["file"]) for c in scored])
+        captions.append(["reference", deg] + [f"{c['psnr']:.2f} dB" for c in scored])
+        best = max(range(len(scored)), key=lambda k: scored[k]["psnr"])
+        bold.add((r, 2 + best))
+    labels = [f"{row['image']}\n{row['task']}" for row in rows]
+    geo = draw_image_grid(
+        path,
+        cells,
+        col_titles=titles,
+        row_labels=labels,
+        captions=captions,
+        bold=bold,
+        title=f"diffrestore demo: PSNR against the clean photo (best of each row in bold), {plan.spec.size}x{plan.spec.size}",
+        cell_px=GRID_CELL_PX,
+        label_px=GRID_LABEL_PX,
+    )
+    return {
+        "file": path.name,
+        "rows": [[row["image"], row["task"]] for row in rows],
+        "columns": columns,
+        "size_px": list(geo.size),
+        "cell_px": geo.cell,
+    }
+
+
+def print_results(summary: dict, out: Path) -> None:
+    print((out / "metrics.md").read_text(), end="")
+    print()
+    print(f"results in {out}/:")
+    print(f"  {out / 'demo_grid.png'}  (rows: photo x task; columns: clean, degraded, baseline, methods)")
+    print(f"  {out / 'metrics.md'}, {out / 'metrics.csv'}, {out / 'summary.json'}")
+    print(f"  {out / 'images'}/  ({len(summary['files']['images'])} PNGs)")
+    for s in summary["skipped"]:
+        print(f"  skipped {s['method']}: {s['reason']}")
+    print(f"wall time {summary['wall_seconds']:.1f} s, peak memory {summary['peak_rss_mib']:.0f} MiB")

@@ -1,0 +1,256 @@
+"""`diffrestore demo` end to end through ``cli.main``, with random-weight tiny priors (golden weights) at 64x64.
+
+Checked against independent references: PSNR/SSIM recomputed from the saved PNGs (numpy, and
+scikit-image's SSIM), the grid's cells compared pixel for pixel with the saved PNGs, the measurement
+redrawn with the evaluation's seeding.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffrestore import cli, demo
+from diffrestore.evaluation.report import GridGeometry
+
+TASKS = ["sr4", "deblur", "denoise", "noisy-sr4"]
+METHODS = ["ddrm", "srldm", "ddrm-srldm", "ddrm-ldm"]
+SEED = 5
+
+
+@pytest.fixture(scope="module")
+def priors(shared) -> dict[str, str]:
+    return {
+        "pixel": str(shared / "golden" / "ddrm" / "unet_state_dict.pt"),
+        "latent": str(shared / "golden" / "ldm" / "ldm_sr_tiny.ckpt"),
+    }
+
+
+@pytest.fixture(scope="module")
+def run(priors, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    argv = ["demo", "--out", str(out), "--images", "1", "--size", "64", "--steps", "2,ddrm-ldm:3", "--seed", str(SEED),
+            "--pixel-prior", priors["pixel"], "--latent-prior", priors["latent"], "--device", "cpu", "--no-progress"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        import io
+        import sys
+
+        stdout, stderr = io.StringIO(), io.StringIO()
+        mp.setattr(sys, "stdout", stdout)
+        mp.setattr(sys, "stderr", stderr)
+        rc = cli.main(argv)
+    assert rc == 0, stderr.getvalue()
+    return out, stdout.getvalue()
+
+
+def _u8(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.mode in ("RGB", "RGBA"), im.mode  # matplotlib writes the grid as RGBA (opaque)
+        if im.mode == "RGBA":
+            assert np.asarray(im)[..., 3].min() == 255
+        return np.asarray(im.convert("RGB"))
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) / 255 - b.astype(np.float64) / 255) ** 2)
+    return float(10 * np.log10(1 / mse))
+
+
+def test_writes_every_output_and_reports_where(run):
+    out, stdout = run
+    names = {"astronaut_clean.png"}
+    for t in TASKS:
+        names |= {f"astronaut_{t}_{m}.png" for m in ["degraded", "baseline", *METHODS]}
+    assert {p.name for p in (out / "images").iterdir()} == names
+    for f in ("demo_grid.png", "metrics.md", "metrics.csv", "summary.json"):
+        assert (out / f).stat().st_size > 0
+    assert not list(out.rglob(".*.tmp"))
+    with Image.open(out / "images" / "astronaut_sr4_ddrm.png") as im:
+        assert im.mode == "RGB"
+    assert _u8(out / "images" / "astronaut_sr4_degraded.png").shape == (16, 16, 3)
+    assert _u8(out / "images" / "astronaut_sr4_ddrm.png").shape == (64, 64, 3)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["settings"]["steps"] == {"ddrm": 2, "srldm": 2, "ddrm-srldm": 2, "ddrm-ldm": 3}
+    assert s["settings"]["photos"] == ["astronaut"] and s["settings"]["size"] == 64
+    assert s["restorations"] == len(TASKS) * len(METHODS) and s["skipped"] == []
+    assert s["wall_seconds"] > 0 and s["peak_rss_mib"] > 50
+    assert sorted(s["files"]["images"]) == sorted(f"images/{n}" for n in names)
+    # printed: the table, where the results are, wall time and peak memory
+    assert "| Task | Method | Steps | PSNR (dB) | SSIM | Time per image (s) |" in stdout
+    assert str(out / "demo_grid.png") in stdout and str(out / "metrics.csv") in stdout
+    assert "wall time" in stdout and "peak memory" in stdout
+
+
+def test_metrics_table_has_a_row_per_task_and_method_baseline_first(run):
+    out, _ = run
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == demo.CSV_FIELDS
+    assert [(r["task"], r["method"]) for r in rows] == [(t, m) for t in TASKS for m in ["baseline", *METHODS]]
+    assert all(r["n_images"] == "1" and float(r["seconds_per_image"]) >= 0 for r in rows)
+    md = [ln for ln in (out / "metrics.md").read_text().splitlines() if ln.startswith("| ") and "Task" not in ln]
+    assert len(md) == len(rows)
+    for line, r in zip(md, rows):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:2] == [r["task"], r["method"]]
+        assert cells[3:5] == [f"{float(r['psnr']):.2f}", f"{float(r['ssim']):.4f}"]
+
+
+def test_metrics_equal_a_recomputation_from_the_saved_pngs(run):
+    """Convention: PSNR/SSIM are computed on the saved 8-bit images, so the files reproduce them."""
+    from skimage.metrics import structural_similarity
+
+    out, _ = run
+    clean = _u8(out / "images" / "astronaut_clean.png")
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        img = _u8(out / "images" / f"astronaut_{r['task']}_{r['method']}.png")
+        assert float(r["psnr"]) == pytest.approx(_psnr(img, clean), abs=1e-9), (r["task"], r["method"])
+        ref_ssim = structural_similarity(
+            img / 255.0, clean / 255.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+            data_range=1.0, channel_axis=-1,
+        )  # fmt: skip
+        assert float(r["ssim"]) == pytest.approx(ref_ssim, abs=1e-9), (r["task"], r["method"])
+    # the baseline of the same-size tasks is the degraded image itself
+    deg = _u8(out / "images" / "astronaut_denoise_degraded.png")
+    assert np.array_equal(deg, _u8(out / "images" / "astronaut_denoise_baseline.png"))
+
+
+def test_grid_has_one_cell_per_row_and_column_showing_the_saved_pngs(run):
+    out, _ = run
+    s = json.loads((out / "summary.json").read_text())["grid"]
+    assert s["rows"] == [["astronaut", t] for t in TASKS]
+    assert s["columns"] == ["clean", "degraded", "baseline", *METHODS]
+    nrows, ncols = len(TASKS), 3 + len(METHODS)
+    cell, gap = demo.GRID_CELL_PX, GridGeometry.GAP_PX
+    width = demo.GRID_LABEL_PX + ncols * cell + (ncols - 1) * gap + GridGeometry.MARGIN_PX
+    height = (GridGeometry.TITLE_PX + GridGeometry.COL_TITLE_PX + nrows * (cell + GridGeometry.CAPTION_PX)
+              + (nrows - 1) * gap + GridGeometry.MARGIN_PX)  # fmt: skip
+    grid = _u8(out / "demo_grid.png")
+    assert grid.shape == (height, width, 3) and s["size_px"] == [width, height]
+    geo = GridGeometry(nrows, ncols, cell_px=cell, label_px=demo.GRID_LABEL_PX, captions=True, title=True)
+    for r, (_, task) in enumerate(s["rows"]):
+        for c, col in enumerate(s["columns"]):
+            name = "astronaut_clean.png" if col == "clean" else f"astronaut_{task}_{col}.png"
+            with Image.open(out / "images" / name) as im:
+                want = np.asarray(im.convert("RGB").resize((cell, cell), Image.NEAREST))
+            x0, y0, x1, y1 = geo.box(r, c)
+            got = grid[y0:y1, x0:x1]
+            # the interior (inside the cell frame) is the PNG, nearest-neighbour upscaled
+            assert np.abs(got[2:-2, 2:-2].astype(int) - want[2:-2, 2:-2]).mean() < 1.0, (task, col)
+    # the caption strips hold text (PSNR) and are not a copy of the image
+    x0, y0, x1, y1 = geo.box(0, 3)
+    strip = grid[y1 + 2 : y1 + GridGeometry.CAPTION_PX, x0:x1]
+    assert strip.min() < 128 and strip.mean() > 200
+
+
+def test_measurement_uses_the_evaluation_seeding(run):
+    from diffrestore.evaluation.data import center_crop_resize
+    from diffrestore.io import pil_to_rgb, uint8_to_tensor
+    from diffrestore.operators.tasks import make_task
+    from diffrestore.pipeline import image_seed, make_generator
+    import skimage.data
+
+    out, _ = run
+    clean = center_crop_resize(pil_to_rgb(Image.fromarray(skimage.data.astronaut())), 64)
+    assert np.array_equal(np.asarray(clean), _u8(out / "images" / "astronaut_clean.png"))
+    x = uint8_to_tensor(np.asarray(clean)).unsqueeze(0)
+    for t in ("denoise", "noisy-sr4"):
+        task = make_task(t, (3, 64, 64))
+        y = task.operator.measure(x, task.sigma_y, generator=make_generator(image_seed(SEED, "astronaut#measurement")))
+        want = ((task.operator.to_image(y)[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert np.array_equal(want, _u8(out / "images" / f"astronaut_{t}_degraded.png")), t
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "ddrm,nope"], "unknown method 'nope'"),
+        (["--tasks", "sr4,blurry"], "unknown task 'blurry'"),
+        (["--steps", "nope:3"], "unknown method 'nope'"),
+        (["--images", "5"], "--images must be between 1 and 4"),
+        (["--size", "66"], "cannot be downsampled by 4"),
+        (["--pixel-prior", "/no/such/prior.pt", "--methods", "ddrm"], "no such file"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--methods", ""], "--methods is empty"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    rc = cli.main(["demo", "--out", str(out), "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("diffrestore: error: ") and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+@pytest.fixture
+def builtins(tmp_path, priors, monkeypatch):
+    """A builtin folder with a complete pixel prior and a latent prior still in training (no unet/ yet)."""
+    from diffrestore.priors import catalog
+
+    root = tmp_path / "builtin"
+    (root / "pix").mkdir(parents=True)
+    shutil.copy(priors["pixel"], root / "pix" / "unet_state_dict.pt")
+    lat = root / "lat"
+    (lat / "vae").mkdir(parents=True)
+    (lat / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+    (lat / "vae" / "config.json").write_text("{}")
+    (lat / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(catalog, "builtin_dir", lambda: root)
+    return ["--pixel-prior", "builtin:pix", "--latent-prior", "builtin:lat"]
+
+
+def test_methods_of_an_untrained_builtin_prior_are_skipped_with_a_warning(tmp_path, capsys, builtins):
+    out = tmp_path / "out"
+    rc = cli.main(["demo", "--out", str(out), "--images", "1", "--size", "32", "--tasks", "denoise", "--steps", "2", "--no-progress", *builtins])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    warnings = [ln for ln in captured.err.splitlines() if "warning" in ln]
+    assert warnings == [
+        "diffrestore: warning: skipping srldm, ddrm-srldm, ddrm-ldm: builtin prior 'lat' skipped: no weights yet in unet/ "
+        "(builtin:lat; pass --latent-prior SPEC to use another)"
+    ]
+    with open(out / "metrics.csv", newline="") as f:
+        assert [(r["task"], r["method"]) for r in csv.DictReader(f)] == [("denoise", "baseline"), ("denoise", "ddrm")]
+    s = json.loads((out / "summary.json").read_text())
+    assert [x["method"] for x in s["skipped"]] == ["srldm", "ddrm-srldm", "ddrm-ldm"]
+    assert s["grid"]["columns"] == ["clean", "degraded", "baseline", "ddrm"]
+    assert "skipped: srldm" in (out / "metrics.md").read_text()
+    assert "skipped srldm: builtin prior 'lat' skipped: no weights yet in unet/" in captured.out
+
+
+def test_a_named_method_whose_builtin_prior_is_untrained_is_an_error(tmp_path, capsys, builtins):
+    out = tmp_path / "out"
+    rc = cli.main(["demo", "--out", str(out), "--methods", "ddrm,srldm", "--size", "32", "--no-progress", *builtins])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (
+        "diffrestore: error: srldm needs the latent prior builtin:lat, which is not usable: "
+        "builtin prior 'lat' skipped: no weights yet in unet/\n"
+    )
+    assert not out.exists()
+
+
+def test_a_failed_run_leaves_no_partial_output(tmp_path, capsys, builtins, monkeypatch):
+    from diffrestore import pipeline
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise FloatingPointError("ddrm produced non-finite values")
+
+    monkeypatch.setattr(pipeline, "run_method", failing)
+    out = tmp_path / "out"
+    rc = cli.main(["demo", "--out", str(out), "--size", "32", "--tasks", "sr4", "--no-progress", *builtins])
+    assert rc == 2 and calls == [1]
+    assert capsys.readouterr().err.endswith("diffrestore: error: ddrm produced non-finite values\n")
+    assert not out.exists()
