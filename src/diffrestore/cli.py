@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from diffrestore import io
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, FloatingPointError)
 
@@ -54,29 +55,7 @@ def _add_restore(sub) -> None:
     p.set_defaults(func=cmd_restore)
 
 
-def _check_writable_dir(path: Path) -> bool:
-    """Make sure ``path`` can receive files; returns True if this call created it."""
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
-            pass
-    except OSError as e:
-        if created:
-            _remove_if_empty(path)
-        raise CLIError(f"output folder {path} is not writable ({e.strerror or e})") from None
-    return created
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
-
-
 def cmd_restore(args) -> int:
-    from diffrestore import io
     from diffrestore.methods import get_method
     from diffrestore.operators.tasks import make_task
     from diffrestore.pipeline import image_seed, restore_file_inputs
@@ -90,7 +69,7 @@ def cmd_restore(args) -> int:
     images = [(Path(p), io.read_image(p)) for p in args.images]
     mask = io.read_image(args.mask) if args.mask else None
     out = Path(args.out)
-    created = _check_writable_dir(out)
+    created = io.prepare_output_dir(out)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     written: list[Path] = []
     try:
@@ -119,7 +98,7 @@ def cmd_restore(args) -> int:
         for f in written:
             f.unlink(missing_ok=True)
         if created:
-            _remove_if_empty(out)
+            io.remove_if_empty(out)
         raise
     for r in results:
         line = f"{r['input']}: {r['method']} {r['task']} in {r['seconds']:.1f}s"
@@ -314,16 +293,16 @@ def cmd_demo(args) -> int:
             torch.set_num_threads(args.threads)
         plan = demo.prepare(spec)  # every user error is raised here, before anything is written
         demo.warn_skipped(plan)
-        created = _check_writable_dir(spec.out)
+        created = io.prepare_output_dir(spec.out)
         written: list[Path] = []
         try:
             summary = demo.execute(plan, written)
         except BaseException:
             for f in written:
                 f.unlink(missing_ok=True)
-            _remove_if_empty(spec.out / "images")
+            io.remove_if_empty(spec.out / "images")
             if created:
-                _remove_if_empty(spec.out)
+                io.remove_if_empty(spec.out)
             raise
     finally:
         torch.set_num_threads(threads)

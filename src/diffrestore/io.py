@@ -26,6 +26,34 @@ class ImageReadError(ValueError):
     """A file that cannot be read as an image."""
 
 
+class OutputDirError(ValueError):
+    """An output folder that cannot be created or written to."""
+
+
+def prepare_output_dir(path: str | os.PathLike) -> bool:
+    """Create ``path`` if needed and check a file can be written there, before any long work.
+
+    Returns True when this call created the folder (so a caller that fails later can remove it)."""
+    path = Path(path)
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as e:
+        if created:
+            remove_if_empty(path)
+        raise OutputDirError(f"output folder {path} is not writable ({e.strerror or e})") from None
+    return created
+
+
+def remove_if_empty(path: str | os.PathLike) -> None:
+    try:
+        Path(path).rmdir()
+    except OSError:
+        pass
+
+
 def pil_to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB.
 

@@ -74,7 +74,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -497,15 +496,7 @@ class RunLock:
 def open_run(plan: Plan) -> tuple[RunLock, bool]:
     """Create / claim the run folder and write config.json and files.txt. Returns (lock, created)."""
     run = plan.run
-    created = not run.exists()
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run, prefix=".probe-"):
-            pass
-    except OSError as e:
-        if created:
-            shutil.rmtree(run, ignore_errors=True)
-        raise EvalError(f"output folder {run} is not writable ({e.strerror or e})") from None
+    created = io.prepare_output_dir(run)
     lock = RunLock(run)
     try:
         if plan.fresh:

@@ -44,6 +44,17 @@ class MethodArgumentError(ValueError):
     """An argument a user passed to a restoration method is out of range or has the wrong shape."""
 
 
+def check_latent_image_size(prior, operator, method: str) -> None:
+    """Methods that encode full images need sides that are multiples of the autoencoder's factor
+    times the latent UNet's downsampling (no padding: the operator fixes the image size)."""
+    from ..operators.base import ImageSizeError
+
+    _, H, W = operator.in_shape
+    need = prior.downscale * prior.multiple_of
+    if H % need or W % need:
+        raise ImageSizeError(f"{method} needs image sides that are multiples of {need}, got {H}x{W}")
+
+
 def uniform_skip_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """The DDIM/DDRM "uniform" skip sequence ``0, s, 2s, ... < num_timesteps`` with
     ``s = num_timesteps // steps`` (ascending; samplers walk it in reverse).

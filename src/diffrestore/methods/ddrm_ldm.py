@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ..operators.base import ImageSizeError
-from .common import StepInfo
+from .common import StepInfo, check_latent_image_size, make_randn
 from .ddim import ddim_schedule, ddim_step
 from .srldm import lr_conditioning
 
@@ -69,17 +68,11 @@ def restore(
     callback=None,
 ) -> torch.Tensor:
     """Restore ``x`` from ``y = H x + sigma_y n`` with a latent SR prior (see module docstring)."""
+    check_latent_image_size(prior, operator, "DDRM-LDM")
     _, H, W = operator.in_shape
-    need = prior.downscale * prior.multiple_of
-    if H % need or W % need:
-        raise ImageSizeError(f"DDRM-LDM needs image sides that are multiples of {need}, got {H}x{W}")
     device = prior.alphas_cumprod.device
     y = y.to(device=device, dtype=torch.float32)
-    if randn is None:
-        dev = generator.device if generator is not None else device
-
-        def randn(shape):
-            return torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
+    randn = randn or make_randn(generator, device)
 
     lr = lr_conditioning(operator, y, prior.downscale)
     schedule = ddim_schedule(prior.alphas_cumprod, steps, eta)

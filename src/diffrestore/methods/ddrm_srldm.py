@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from ..operators.base import ImageSizeError
 from ..priors.base import PixelPrior
 from . import ddrm
+from .common import check_latent_image_size
 from .srldm import lr_conditioning
 
 STRATEGIES = ("a", "b")
@@ -70,10 +70,7 @@ def restore(
     callback=None,
 ) -> torch.Tensor:
     """DDRM with the latent SR model standing in for the pixel denoiser (``strategy`` "a" or "b")."""
-    _, H, W = operator.in_shape
-    need = prior.downscale * prior.multiple_of
-    if H % need or W % need:
-        raise ImageSizeError(f"DDRM-SRLDM needs image sides that are multiples of {need}, got {H}x{W}")
+    check_latent_image_size(prior, operator, "DDRM-SRLDM")
     device = prior.alphas_cumprod.device
     y = y.to(device)
     lr = lr_conditioning(operator, y, prior.downscale)

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .common import StepInfo
+from .common import StepInfo, make_randn
 from .ddim import ddim_sample, ddim_schedule
 
 LR_FILTERS = ("bicubic", "area", "bilinear")
@@ -102,11 +102,7 @@ def restore(
     _, H, W = operator.in_shape
     f, m = prior.downscale, prior.multiple_of
     device = prior.alphas_cumprod.device
-    if randn is None:
-
-        def randn(shape):
-            dev = generator.device if generator is not None else device
-            return torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
+    randn = randn or make_randn(generator, device)
 
     with torch.no_grad():
         lr = lr_conditioning(operator, y.to(device=device, dtype=torch.float32), f, lr_filter)
