@@ -133,12 +133,19 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, quantize: bool = False) -> torch.T
     Images must be at least 11 x 11.
     """
     x, y = _pair(x, y)
-    b, c, h, w = x.shape
+    b, _, h, w = x.shape
     if h < SSIM_WINDOW or w < SSIM_WINDOW:
         raise MetricInputError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {h}x{w}")
+    g = gaussian_window().to(x.device)
+    # Chunks of images bound the float64 working memory (15 maps per RGB image).
+    step = max(1, (1 << 21) // (h * w))
+    return torch.cat([_ssim_chunk(x[i : i + step], y[i : i + step], g, quantize) for i in range(0, b, step)])
+
+
+def _ssim_chunk(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, quantize: bool) -> torch.Tensor:
+    c = x.shape[1]
     a, bb = to_unit_range(x, quantize), to_unit_range(y, quantize)
-    g = gaussian_window().to(a.device)
-    # One grouped filtering pass over the five maps of every channel.
+    # One filtering pass over the five maps of every channel.
     maps = torch.cat([a, bb, a * a, bb * bb, a * bb], dim=1)
     mu_a, mu_b, e_aa, e_bb, e_ab = _valid_gaussian_filter(maps, g).split(c, dim=1)
     var_a = e_aa - mu_a * mu_a
