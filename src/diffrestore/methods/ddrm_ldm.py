@@ -21,7 +21,7 @@ DDNM / ReSample / PSLD. One DDIM step from ``z_t`` (grid and constants as ``meth
 4. re-encode ``z0c = E(x0c)``, recompute the matching noise ``e_c = (z_t - sqrt(a_t) z0c) / sqrt(1 - a_t)``
    and take the DDIM step ``z_{t'} = sqrt(a_{t'}) z0c + sqrt(1 - a_{t'} - s^2) e_c + s n``.
 
-The output is ``x0c`` of the last step, so it satisfies the measurement (exactly for noiseless
+The output is ``x0c`` of the last step (not clamped, like DDRM's), so it satisfies the measurement (exactly for noiseless
 tasks); the orthogonal projection onto ``{x : Hx = y}`` never moves an estimate away from any image
 consistent with y, so for noiseless tasks it can only lower the error of the decoded estimate.
 Cost per step: one UNet call, one decode, one encode.
@@ -94,4 +94,4 @@ def restore(
         e_c = (z - a_t**0.5 * z0c) / (1 - a_t) ** 0.5
         noise = randn(tuple(z.shape)).to(device)
         z, _ = ddim_step(z, e_c, schedule, i, noise)
-    return x0c.clamp(-1, 1)
+    return x0c
