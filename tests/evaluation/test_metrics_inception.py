@@ -173,3 +173,17 @@ def test_fid_imagenet_crops_vs_x4_bicubic(shared, torchscript_inception_path):
     f_deg = I.inception_features(to_tensor(degraded), batch_size=25, extractor=ext)
     assert fid_from_features(f_clean, f_clean) == pytest.approx(0.0, abs=1e-3)
     assert fid_from_features(f_clean, f_deg) == pytest.approx(EXPECTED_FID, abs=0.1)
+
+
+def test_runner_feature_extractor_uses_the_real_network():
+    """The evaluation harness's extractor on the real network equals inception_features directly."""
+    from diffrestore.evaluation import inception, runner
+
+    try:
+        extract = runner.load_feature_extractor("cpu")
+    except runner.FeaturesUnavailable as e:
+        pytest.skip(str(e))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    f = extract(x)
+    assert f.shape == (2, 2048) and f.dtype == np.float32
+    np.testing.assert_allclose(f, inception.inception_features(x), rtol=1e-5, atol=1e-5)

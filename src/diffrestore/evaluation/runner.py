@@ -198,21 +198,16 @@ def load_feature_extractor(device: str):
 
     Raises FeaturesUnavailable with the reason (shown in the FID column) when it cannot be built.
     """
-    try:
-        inception = importlib.import_module("diffrestore.evaluation.inception")
-    except ImportError as e:
-        raise FeaturesUnavailable(f"no Inception network: diffrestore.evaluation.inception is not available ({e})") from None
+    from diffrestore.evaluation import inception
+
     try:
         model = inception.load_inception(device)
-    except getattr(inception, "InceptionUnavailable", FileNotFoundError) as e:
+    except inception.InceptionUnavailable as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FeaturesUnavailable(msg if msg.lower().startswith("no inception") else f"no Inception weights: {msg}") from None
 
     def extract(x: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
-            f = inception.inception_features(model, x)
-        f = f.detach().float().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f, dtype=np.float32)
-        return f.reshape(x.shape[0], -1).astype(np.float32)
+        return inception.inception_features(x, extractor=model).astype(np.float32)
 
     return extract
 
