@@ -91,8 +91,9 @@ class DiffusersLatentSRPrior(LatentSRPrior):
         self.latent_scale = float(latent_scale)
         dtype = resolve_dtype(dtype)
         if dtype is not None:
-            self.unet.to(dtype)
-            self.first_stage.to(dtype)
+            # plain Module.to: diffusers' override warns about fp32-only modules these models do not have
+            torch.nn.Module.to(self.unet, dtype=dtype)
+            torch.nn.Module.to(self.first_stage, dtype=dtype)
 
     @property
     def model_dtype(self) -> torch.dtype:
