@@ -181,3 +181,15 @@ def test_kid_separates_distributions():
     same, _ = kernel_inception_distance(a, b, num_subsets=10, subset_size=200)
     shifted, _ = kernel_inception_distance(a, b + 0.5, num_subsets=10, subset_size=200)
     assert abs(same) < 0.1 * shifted and shifted > 0
+
+
+def test_frechet_distance_matches_scipy_sqrtm_on_full_rank_covariances():
+    """The eigen route equals the textbook formula with scipy.linalg.sqrtm (an independent algorithm)."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(300, 40)), rng.normal(size=(300, 40)) @ rng.normal(size=(40, 40)) * 0.3
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-9)
