@@ -1,0 +1,115 @@
+"""Training photos: decoded once into memory, served as random rescaled crops with flips.
+
+Evaluation images are ImageNet photos (about 500 px on the longer side) centre-cropped to a square and
+resized to 256, i.e. content shrunk by about 1.5-2.6x. The training photos have a short side of 256,
+so each crop is taken from the photo virtually rescaled to a short side drawn uniformly from
+``short_side`` (default [192, 256]); the rescale and the crop are one PIL ``resize(box=...)`` call
+(bicubic, antialiased), so no full-size resized copy is ever made.
+
+A deterministic hold-out (every ``holdout_every``-th photo in sorted name order) is never used for
+training; validation crops are drawn from it with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..io import pil_to_rgb
+from .common import TrainingError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def list_photos(data_dir: str | os.PathLike) -> list[Path]:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise TrainingError(f"{data_dir}: training data folder not found")
+    files = sorted(p for p in data_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise TrainingError(f"{data_dir}: no images found")
+    return files
+
+
+def split_photos(files: list[Path], holdout_every: int = 28) -> tuple[list[Path], list[Path]]:
+    """(train, held-out): every ``holdout_every``-th file (sorted order) is held out; 0 = none."""
+    if holdout_every <= 0:
+        return list(files), []
+    held = [f for i, f in enumerate(files) if i % holdout_every == holdout_every - 1]
+    train = [f for i, f in enumerate(files) if i % holdout_every != holdout_every - 1]
+    return train, held
+
+
+def load_photos(files: list[Path], min_short_side: int = 128, limit: int | None = None) -> list[Image.Image]:
+    """Decode photos into memory as 8-bit RGB PIL images, skipping those with a short side below
+    ``min_short_side`` (they would have to be upsampled)."""
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            im.load()
+            rgb = pil_to_rgb(im)
+        if min(rgb.size) < min_short_side:
+            continue
+        out.append(rgb)
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise TrainingError(f"no usable photos (short side >= {min_short_side})")
+    return out
+
+
+class CropSampler:
+    """Random ``crop`` x ``crop`` patches from photos rescaled to a random short side, random h-flip."""
+
+    def __init__(
+        self,
+        photos: list[Image.Image],
+        crop: int,
+        short_side: tuple[float, float] = (192.0, 256.0),
+        flip: bool = True,
+    ):
+        if crop <= 0:
+            raise TrainingError(f"crop must be positive, got {crop}")
+        lo, hi = short_side
+        if not (0 < lo <= hi):
+            raise TrainingError(f"bad short-side range {short_side}")
+        self.photos = photos
+        self.crop = int(crop)
+        self.short_side = (float(lo), float(hi))
+        self.flip = flip
+
+    def one(self, rng: np.random.Generator) -> np.ndarray:
+        """One (crop, crop, 3) uint8 patch."""
+        img = self.photos[int(rng.integers(len(self.photos)))]
+        w, h = img.size
+        target = rng.uniform(*self.short_side)
+        scale = target / min(w, h)  # output px per source px
+        region = min(self.crop / scale, float(min(w, h)))  # side of the source box
+        x0 = rng.uniform(0.0, w - region)
+        y0 = rng.uniform(0.0, h - region)
+        patch = img.resize(
+            (self.crop, self.crop), Image.Resampling.BICUBIC, box=(x0, y0, x0 + region, y0 + region)
+        )
+        a = np.asarray(patch)
+        if self.flip and rng.random() < 0.5:
+            a = a[:, ::-1]
+        return a
+
+    def batch(self, n: int, rng: np.random.Generator) -> torch.Tensor:
+        """(n, 3, crop, crop) float32 in [-1, 1]."""
+        a = np.stack([self.one(rng) for _ in range(n)])
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def fixed_batch(sampler: CropSampler, n: int, seed: int = 12345) -> torch.Tensor:
+    """A reproducible batch (for validation), independent of the training RNG."""
+    return sampler.batch(n, np.random.default_rng(seed))
+
+
+def block_downsample(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """Average over non-overlapping ``factor`` x ``factor`` blocks (DDRM's sr4 operator for factor 4)."""
+    return torch.nn.functional.avg_pool2d(x, factor, stride=factor)

@@ -1,0 +1,169 @@
+"""Trainers: a few steps of tiny models on tiny crops of the shared training photos.
+
+Checks: finite losses, atomic checkpoints, resume continues at the right step and reproduces the
+uninterrupted run's next losses exactly (same seed), exported folders load with diffusers.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffrestore.training import common
+from diffrestore.training.data import CropSampler, block_downsample, list_photos, load_photos, split_photos
+
+TINY_PIXEL = dict(
+    crop=16, batch=2, channels=(8, 16), norm_num_groups=4, warmup=2, max_photos=6, val_size=2,
+    log_every=1, ckpt_every_s=0, progress=False, threads=1,
+)
+
+
+@pytest.fixture
+def data_dir(shared) -> Path:
+    d = shared / "data" / "train"
+    if not d.is_dir():
+        pytest.skip("shared/data/train not found")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / common.LOG_NAME).read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r and "event" not in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def test_crop_sampler_shapes_and_range(data_dir):
+    files = list_photos(data_dir)
+    train, held = split_photos(files, 28)
+    assert len(held) == len(files) // 28 and not set(train) & set(held)
+    photos = load_photos(train, limit=3)
+    s = CropSampler(photos, 24)
+    a = s.batch(3, np.random.default_rng(0))
+    b = s.batch(3, np.random.default_rng(0))
+    assert a.shape == (3, 3, 24, 24) and a.dtype == torch.float32
+    assert a.min() >= -1 and a.max() <= 1 and torch.equal(a, b)
+    lr = block_downsample(a, 4)
+    assert lr.shape == (3, 3, 6, 6)
+    assert torch.allclose(lr[0, 0, 0, 0], a[0, 0, :4, :4].mean())
+
+
+def test_pixel_resume_reproduces_uninterrupted_run(data_dir, tmp_path):
+    from diffusers import UNet2DModel
+
+    from diffrestore.training.pixel import train_pixel
+
+    full = tmp_path / "full"
+    r = train_pixel(data_dir, tmp_path / "out_full", full, steps=4, ckpt_every_steps=2, **TINY_PIXEL)
+    assert r["step"] == 4 and math.isfinite(r["loss"])
+    ref = _losses(full)
+    assert sorted(ref) == [1, 2, 3, 4] and all(math.isfinite(v) for v in ref.values())
+
+    part = tmp_path / "part"
+    train_pixel(data_dir, None, part, steps=2, **TINY_PIXEL)
+    assert torch.load(part / common.CHECKPOINT_NAME, weights_only=False)["step"] == 2
+    with pytest.raises(common.TrainingError):  # refuses to overwrite without --resume
+        train_pixel(data_dir, None, part, steps=4, **TINY_PIXEL)
+    r2 = train_pixel(data_dir, tmp_path / "out_part", part, steps=4, resume=True, **TINY_PIXEL)
+    assert r2["step"] == 4
+    got = _losses(part)
+    assert got[3] == ref[3] and got[4] == ref[4]
+    a = torch.load(full / common.CHECKPOINT_NAME, weights_only=False)
+    b = torch.load(part / common.CHECKPOINT_NAME, weights_only=False)
+    for k, v in a["ema"]["model"].items():
+        assert torch.equal(v, b["ema"]["model"][k]), k
+    assert not [p for p in part.iterdir() if p.name.endswith(".tmp")]
+
+    unet = UNet2DModel.from_pretrained(tmp_path / "out_part")
+    assert unet.dtype == torch.float32 or unet.dtype == torch.float16
+    meta = json.loads((tmp_path / "out_part" / "diffrestore.json").read_text())
+    assert meta["scheduler"]["beta_schedule"] == "linear" and meta["train_steps"] == 4
+    assert (tmp_path / "out_part" / "README.md").is_file()
+    x = torch.randn(1, 3, 32, 32)
+    assert unet.float()(x, torch.tensor([10])).sample.shape == x.shape
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    common.save_checkpoint(path, {"step": 1})
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        common.save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert common.load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+def test_latent_sr_stages_export_a_loadable_folder(data_dir, tmp_path):
+    from diffusers import AutoencoderKL, UNet2DModel
+
+    from diffrestore.training.latent_sr import train_latent_sr
+
+    out = tmp_path / "ldmsr"
+    kw = dict(batch=2, max_photos=4, log_every=1, ckpt_every_s=0, progress=False, threads=1, warmup=2)
+    r = train_latent_sr(
+        "autoencoder", data_dir, out, tmp_path / "ae", crop=16, steps=2, channels=(8, 16, 16), norm_num_groups=4,
+        val_size=2, stats_size=8, **kw,
+    )
+    assert math.isfinite(r["loss"])
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    assert vae.config.latent_channels == 3 and vae.config.scaling_factor == 1.0
+
+    r = train_latent_sr(
+        "unet", data_dir, out, tmp_path / "unet", crop=16, steps=2, channels=(8, 16), norm_num_groups=4,
+        layers_per_block=1, val_size=2, **kw,
+    )
+    assert math.isfinite(r["loss"])
+    r = train_latent_sr(
+        "unet", data_dir, out, tmp_path / "unet", crop=16, steps=3, channels=(8, 16), norm_num_groups=4,
+        layers_per_block=1, val_size=2, resume=True, **kw,
+    )
+    assert r["step"] == 3
+    with pytest.raises(common.TrainingError):  # would invalidate the trained UNet
+        train_latent_sr("autoencoder", data_dir, out, tmp_path / "ae2", crop=16, steps=1, **kw)
+    unet = UNet2DModel.from_pretrained(out / "unet")
+    assert unet.config.in_channels == 6 and unet.config.out_channels == 3
+    index = json.loads((out / "model_index.json").read_text())
+    assert set(index) >= {"unet", "vae", "scheduler"}
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["beta_schedule"] == "scaled_linear" and sched["beta_start"] == 0.0015
+    z = vae.float().encode(torch.zeros(1, 3, 16, 16)).latent_dist.mean
+    assert z.shape == (1, 3, 4, 4)
+    assert unet.float()(torch.cat([z, torch.zeros(1, 3, 4, 4)], 1), torch.tensor([5])).sample.shape == z.shape
+
+
+def test_latent_normalisation_is_exact():
+    from diffrestore.training.latent_sr import build_autoencoder, latent_stats, normalized_autoencoder
+
+    ae = build_autoencoder((8, 16, 16), 1, 3, 4, 16).eval()
+    with torch.no_grad():
+        ae.quant_conv.bias.add_(torch.tensor([0.5, -1.0, 2.0, 0.0, 0.0, 0.0]))
+        ae.quant_conv.weight.mul_(3.0)
+    x = torch.rand(6, 3, 16, 16) * 2 - 1
+    m, s = latent_stats(ae, x)
+    norm = normalized_autoencoder(ae, m, s)
+    with torch.no_grad():
+        z = ae.encode(x).latent_dist.mean
+        zn = norm.encode(x).latent_dist.mean
+        torch.testing.assert_close(zn, (z - m.view(1, 3, 1, 1)) / s.view(1, 3, 1, 1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(norm.decode(zn).sample, ae.decode(z).sample, atol=1e-4, rtol=1e-4)
+    m2, s2 = latent_stats(norm, x)
+    torch.testing.assert_close(m2, torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s2, torch.ones(3), atol=1e-4, rtol=0)
