@@ -248,7 +248,7 @@ def _add_demo(sub) -> None:
         "not trained yet are skipped with a warning (unless named with --methods).",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--images", type=int, default=3, help="number of sample photos, 1-4 (default 3)")
+    p.add_argument("--images", type=int, default=2, help="number of sample photos, 1-4 (default 2: the whole demo stays under 10 minutes on 2 CPU cores)")
     p.add_argument("--size", type=int, default=256, help="photos are centre-cropped and resized to SIZE (default 256)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: ddrm,srldm,ddrm-srldm,ddrm-ldm)")
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: sr4,deblur,denoise,noisy-sr4)")

@@ -70,7 +70,7 @@ class DemoError(ValueError):
 @dataclass
 class DemoSpec:
     out: Path
-    images: int = 3
+    images: int = 2
     size: int = 256
     methods: list[str] | None = None  # None: every method of METHOD_ORDER whose prior is available
     tasks: list[str] | None = None
