@@ -138,6 +138,15 @@ def test_latent_sr_stages_export_a_loadable_folder(data_dir, tmp_path):
     assert r["step"] == 3
     with pytest.raises(common.TrainingError):  # would invalidate the trained UNet
         train_latent_sr("autoencoder", data_dir, out, tmp_path / "ae2", crop=16, steps=1, **kw)
+    # a UNet trained from a separate --vae folder ships that autoencoder beside it
+    out2 = tmp_path / "ldmsr2"
+    train_latent_sr(
+        "unet", data_dir, out2, tmp_path / "unet2", vae_dir=out / "vae", crop=16, steps=1, channels=(8, 16),
+        norm_num_groups=4, layers_per_block=1, val_size=0, **kw,
+    )
+    assert (out2 / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        out / "vae" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
     unet = UNet2DModel.from_pretrained(out / "unet")
     assert unet.config.in_channels == 6 and unet.config.out_channels == 3
     index = json.loads((out / "model_index.json").read_text())

@@ -27,6 +27,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import atomic_write_bytes
 from ..priors.base import alphas_cumprod_from_betas
 from .common import (
     CHECKPOINT_NAME,
@@ -444,6 +446,21 @@ def load_frozen_vae(folder: Path, device) -> tuple[torch.nn.Module, str]:
     return vae.to(device).eval().requires_grad_(False), _file_sha256(weights)
 
 
+def _sync_vae(src: Path, dst: Path, sha: str) -> None:
+    """Make ``dst`` (the shipped ``vae/``) hold the autoencoder the UNet is trained on (file by file,
+    atomically), when the UNet was trained from a separate ``--vae`` folder."""
+    weights = "diffusion_pytorch_model.safetensors"
+    if src.resolve() == dst.resolve():
+        return
+    if (dst / weights).is_file() and _file_sha256(dst / weights) == sha:
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "recipe.json", weights):
+        if (src / name).is_file():
+            atomic_write_bytes(dst / name, (src / name).read_bytes())
+            os.chmod(dst / name, 0o644)
+
+
 def make_lr(x: torch.Tensor, gen: torch.Generator, noise_frac: float, noise_max: float) -> torch.Tensor:
     """4x4 block average, plus N(0, s^2) noise with s ~ U[0, noise_max] for a ``noise_frac`` share."""
     lr = block_downsample(x, 4)
@@ -608,6 +625,7 @@ def train_latent_unet(
             out = Path(out_dir)
             _write_folder_meta(out)
             save_diffusers_fp16(ema.model, out / "unet")
+            _sync_vae(Path(vae_dir), out / "vae", vae_sha)
             recipe = {
                 "class": "UNet2DModel, eps prediction, input cat([z_t, lr], 1) (latent first), "
                 + ("mid-block attention" if model_cfg["attention"] else "no attention"),
