@@ -217,7 +217,7 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
     writable). Every file written is appended to ``written``. Returns the summary."""
     from tqdm import tqdm
 
-    from diffrestore.pipeline import image_seed, make_generator, run_method
+    from diffrestore.pipeline import image_seed, measure_image, run_method
 
     spec = plan.spec
     out, images_dir = Path(spec.out), Path(spec.out) / "images"
@@ -237,8 +237,7 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
             clean_file = save(f"{name}_clean.png", x)
             xd = x.to(spec.device)
             for task_name, task in plan.tasks.items():
-                g = make_generator(image_seed(spec.seed, name + "#measurement"))
-                y = task.operator.measure(x, task.sigma_y, generator=g).to(spec.device)
+                y = measure_image(task, x, spec.seed, name).to(spec.device)
                 degraded = task.operator.to_image(y)
                 row = {"image": name, "task": task_name, "clean": clean_file, "degraded": save(f"{name}_{task_name}_degraded.png", degraded)}
                 row["degraded_size"] = list(degraded.shape[-2:])

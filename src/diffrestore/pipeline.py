@@ -28,6 +28,13 @@ def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gener
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 
+def measure_image(task, x: torch.Tensor, seed: int, image_id: str) -> torch.Tensor:
+    """y = H x + sigma_y n for one clean image, drawn on the CPU from a generator seeded by
+    (run seed, image id): every entry point and every method sees the same measurement."""
+    g = make_generator(image_seed(seed, image_id + "#measurement"))
+    return task.operator.measure(x.cpu(), task.sigma_y, generator=g)
+
+
 def crop_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int, int, int] | None]:
     """Centre-crop (…, H, W) so both sides are multiples of ``multiple``.
 
@@ -158,8 +165,7 @@ def restore_file_inputs(
         if degrade:
             x = x.to(device)
             task = make_task(task_name, tuple(x.shape[1:]), **task_overrides)
-            g = make_generator(image_seed(seed, image_id + "#measurement"))
-            y = task.operator.measure(x.cpu(), task.sigma_y, generator=g).to(device)
+            y = measure_image(task, x, seed, image_id).to(device)
         else:
             h, w = y_img.shape[-2:]
             task = make_task(task_name, (3, h * factor, w * factor), **task_overrides)

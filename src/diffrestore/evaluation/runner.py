@@ -85,7 +85,7 @@ from diffrestore import io
 from diffrestore.evaluation.data import choose_subset, find_images, load_eval_image
 from diffrestore.evaluation.distributed import Dist, from_env, launched_by_torchrun, spawn
 from diffrestore.methods import get_method
-from diffrestore.pipeline import image_seed, lcm, make_generator, prior_multiple, run_method
+from diffrestore.pipeline import image_seed, lcm, measure_image, prior_multiple, run_method
 
 FORMAT = 1
 PLUGINS_ENV = "DIFFRESTORE_PLUGINS"
@@ -673,9 +673,7 @@ class _Resources:
     def measure(self, task_name: str, x: torch.Tensor, image_id: str) -> torch.Tensor:
         """y of one clean CPU image (1, C, H, W), drawn on the CPU, on the run device: the same for every
         method, rank and resume point."""
-        task = self.task(task_name)
-        g = make_generator(image_seed(self.plan.settings["seed"], image_id + "#measurement"))
-        return task.operator.measure(x, task.sigma_y, generator=g).to(self.plan.device)
+        return measure_image(self.task(task_name), x, self.plan.settings["seed"], image_id).to(self.plan.device)
 
 
 def _snapshot(info) -> tuple[int, float, torch.Tensor, torch.Tensor]:
