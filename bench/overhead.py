@@ -96,31 +96,25 @@ def main(argv=None) -> int:
     n_eval = len(ts)
     x_net = torch.randn(1, 3, args.size, args.size, generator=g).to(device)
 
-    @torch.no_grad()
-    def net_only() -> float:
+    def timed(run) -> float:
+        """Wall time of ``run()`` (synchronised on CUDA), without autograd."""
         sync(device)
         t0 = time.perf_counter()
-        for t in ts:
-            prior.eps(x_net, torch.full((1,), float(t), device=device))
+        with torch.no_grad():
+            run()
         sync(device)
         return time.perf_counter() - t0
 
-    def sampler() -> float:
-        sync(device)
-        t0 = time.perf_counter()
-        ddrm.restore(prior, op, y, sigma_y=sigma_y, steps=args.steps, generator=torch.Generator().manual_seed(1))
-        sync(device)
-        return time.perf_counter() - t0
+    def forwards() -> None:
+        for t in ts:
+            prior.eps(x_net, torch.full((1,), float(t), device=device))
+
+    def ddrm_with(p) -> float:
+        gen = torch.Generator().manual_seed(1)
+        return timed(lambda: ddrm.restore(p, op, y, sigma_y=sigma_y, steps=args.steps, generator=gen))
 
     with torch.no_grad():
         cached = CachedPrior(prior.eps(x_net, torch.full((1,), 500.0, device=device)))
-
-    def sampler_alone() -> float:
-        sync(device)
-        t0 = time.perf_counter()
-        ddrm.restore(cached, op, y, sigma_y=sigma_y, steps=args.steps, generator=torch.Generator().manual_seed(1))
-        sync(device)
-        return time.perf_counter() - t0
 
     # warm-up: one forward and one short DDRM run
     with torch.no_grad():
@@ -129,8 +123,8 @@ def main(argv=None) -> int:
 
     ratios, nets, samps, alone = [], [], [], []
     for _ in range(args.repeats):
-        tn, ts_ = net_only(), sampler()
-        alone.append(sampler_alone())
+        tn, ts_ = timed(forwards), ddrm_with(prior)
+        alone.append(ddrm_with(cached))
         nets.append(tn / n_eval)
         samps.append(ts_)
         ratios.append(ts_ / tn)

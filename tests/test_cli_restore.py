@@ -1,6 +1,7 @@
 """End-to-end `diffrestore restore` on a real photo with a random-weight tiny ADM (golden weights)."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -139,3 +140,74 @@ def test_prior_kind_mismatch_is_one_line_error(tmp_path, photo, adm, ldm, method
                  "--out", str(out), "--degrade", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "prior" in err[0] and _no_files(out)
+
+
+# --------------------------------------------------------------------------------------------
+# --adm-config: the ADM hyper-parameters a checkpoint does not store (the golden tiny ADM has 16-channel heads)
+# --------------------------------------------------------------------------------------------
+
+ADM_CONFIG = '{"num_head_channels": 16}'
+
+
+def test_restore_with_adm_config_uses_it(tmp_path, photo, adm):
+    """Given as a JSON object or as a .json file, the head width is used (no guess) and recorded; the output
+    differs from the one of the guessed width, so the option reaches the network."""
+    from diffrestore.priors.adm import ADMGuessWarning
+
+    cfg_file = tmp_path / "adm.json"
+    cfg_file.write_text(ADM_CONFIG)
+    outs = {}
+    for name, value in (("string", ADM_CONFIG), ("file", str(cfg_file)), ("guessed", None)):
+        out = tmp_path / name
+        argv = ["restore", str(photo), "--task", "sr4", "--prior", adm, "--steps", "3", "--seed", "2", "--out", str(out),
+                "--degrade", "--no-progress"] + (["--adm-config", value] if value else [])  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if value else "ignore", ADMGuessWarning)  # a guess would raise
+            assert main(argv) == 0
+        rec = json.loads((out / "photo_sr4_ddrm.json").read_text())
+        assert rec.get("adm_config") == ({"num_head_channels": 16} if value else None)
+        outs[name] = read_image(out / "photo_sr4_ddrm.png")
+    assert torch.equal(outs["string"], outs["file"])
+    assert not torch.equal(outs["string"], outs["guessed"])
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ('{"num_head_channels": }', "--adm-config: not valid JSON"),
+        ("[16]", "expected a JSON object"),
+        ("no_such_config.json", "neither a JSON object nor an existing .json file"),
+        ('{"num_head_channel": 16}', "unknown ADM hyper-parameter(s): num_head_channel"),
+    ],
+)
+def test_bad_adm_config_is_one_line_error_no_output(tmp_path, photo, adm, value, message, capsys):
+    out = tmp_path / "out"
+    rc = main(["restore", str(photo), "--task", "sr4", "--prior", adm, "--steps", "2", "--out", str(out),
+               "--adm-config", value, "--degrade", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("diffrestore: error:") and message in err[0], err
+    assert _no_files(out)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "demo"])
+def test_bad_adm_config_of_evaluate_and_demo(tmp_path, photo, command, capsys):
+    out = tmp_path / "out"
+    data = ["--data", str(photo.parent)] if command == "evaluate" else []
+    rc = main([command, *data, "--out", str(out), "--adm-config", "{bad", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("diffrestore: error: --adm-config: not valid JSON"), err
+    assert not out.exists()
+
+
+def test_demo_with_adm_config(tmp_path, adm, capsys):
+    from diffrestore.priors.adm import ADMGuessWarning
+
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ADMGuessWarning)
+        rc = main(["demo", "--out", str(out), "--images", "1", "--size", "32", "--methods", "ddrm", "--tasks", "denoise",
+                   "--steps", "2", "--pixel-prior", adm, "--adm-config", ADM_CONFIG, "--no-progress"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["adm_config"] == {"num_head_channels": 16} and settings["priors"] == {"pixel": adm}

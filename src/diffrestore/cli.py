@@ -23,6 +23,47 @@ class CLIError(Exception):
 
 
 # --------------------------------------------------------------------------------------------
+# options shared by restore, evaluate and demo
+# --------------------------------------------------------------------------------------------
+
+
+def _add_run_options(p) -> None:
+    """``--adm-config``, ``--device`` and ``--no-progress`` (restore, evaluate, demo)."""
+    p.add_argument(
+        "--adm-config", default=None, metavar="JSON",
+        help="hyper-parameters of an ADM checkpoint that its weights do not give (the head width), as a JSON "
+        "object or a .json file, e.g. '{\"num_head_channels\": 64}'; other priors ignore it",
+    )  # fmt: skip
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def parse_adm_config(text: str | None) -> dict | None:
+    """``--adm-config``: a JSON object, or the path of a file holding one. Raises CLIError (one line)."""
+    if text is None:
+        return None
+    import json
+
+    source = "--adm-config"
+    if not text.lstrip().startswith(("{", "[")):  # not written as JSON: a file
+        path = Path(text).expanduser()
+        source = f"--adm-config {path}"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CLIError(f"{source}: neither a JSON object nor an existing .json file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise CLIError(f"{source}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise CLIError(f"{source}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CLIError(f"{source}: expected a JSON object such as {{\"num_head_channels\": 64}}, got {type(value).__name__}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
 # restore
 # --------------------------------------------------------------------------------------------
 
@@ -49,9 +90,8 @@ def _add_restore(sub) -> None:
     p.add_argument("--mask", default=None, help="inpainting mask image (white = observed)")
     p.add_argument("--eta", type=float, default=None, help="DDRM eta / DDIM eta")
     p.add_argument("--eta-b", type=float, default=None, help="DDRM eta_b")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
-    p.add_argument("--no-progress", action="store_true")
+    _add_run_options(p)
     p.set_defaults(func=cmd_restore)
 
 
@@ -62,6 +102,7 @@ def cmd_restore(args) -> int:
     from diffrestore.priors.loading import load_prior
 
     info = get_method(args.method)
+    adm_config = parse_adm_config(args.adm_config)
     overrides = {k: v for k, v in (("sigma_y", args.sigma_y), ("blur_sigma", args.blur_sigma), ("scale", args.scale)) if v is not None}
     make_task(args.task, (3, 64, 64), **overrides)  # validates the task name and parameters early
 
@@ -69,11 +110,9 @@ def cmd_restore(args) -> int:
     images = [(Path(p), io.read_image(p)) for p in args.images]
     mask = io.read_image(args.mask) if args.mask else None
     out = Path(args.out)
-    created = io.prepare_output_dir(out)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    written: list[Path] = []
-    try:
-        prior = load_prior(args.prior, device=args.device, dtype=dtype)
+    with io.writing_into(out) as written:
+        prior = load_prior(args.prior, device=args.device, dtype=dtype, adm_config=adm_config)
         kind = "latent" if hasattr(prior, "encode") else "pixel"
         if kind != info.prior:
             raise CLIError(f"method {info.name} needs a {info.prior} prior, but {args.prior} is a {kind} prior")
@@ -93,13 +132,8 @@ def cmd_restore(args) -> int:
             written=written,
             method_kwargs={"eta": args.eta, "eta_b": args.eta_b},
             progress=not args.no_progress,
+            adm_config=adm_config,
         )
-    except BaseException:
-        for f in written:
-            f.unlink(missing_ok=True)
-        if created:
-            io.remove_if_empty(out)
-        raise
     for r in results:
         line = f"{r['input']}: {r['method']} {r['task']} in {r['seconds']:.1f}s"
         if "psnr" in r:
@@ -155,11 +189,13 @@ def _add_evaluate(sub) -> None:
     )
     p.add_argument("--data", default=None, help="folder of clean images (searched recursively)")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (created; reused to resume)")
-    p.add_argument(
+    subset = p.add_mutually_exclusive_group()
+    subset.add_argument(
         "--n", "--num-images", dest="n", type=int, default=None,
         help="number of images, a seeded random subset (default: all); under torchrun write --num-images "
         "(torchrun's own parser takes --n for an abbreviation of its options)",
     )
+    subset.add_argument("--first", type=int, default=None, metavar="N", help="the first N images in sorted path order")
     p.add_argument("--seed", type=int, default=None, help="run seed: image subset, measurement noise, samplers (default 0)")
     p.add_argument("--size", type=int, default=None, help="images are centre-cropped and resized to SIZE (default 256)")
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: sr4,deblur,denoise,noisy-sr4)")
@@ -171,11 +207,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--latent-prior", default=None, metavar="SPEC", help="latent SR prior for srldm, ddrm-srldm, ddrm-ldm")
     p.add_argument("--preset", choices=["paper", "quick"], default=None, help="paper: the report's full grid; quick: a small CPU grid")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the throughput measurement (records run one image per call)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="network precision (default fp32)")
     p.add_argument("--save-images", action="store_true", help="keep every restored image (default: the first few, for Figure 4)")
     p.add_argument("--nproc", type=int, default=1, help="shard over K local processes")
-    p.add_argument("--no-progress", action="store_true")
+    _add_run_options(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -185,7 +220,8 @@ def cmd_evaluate(args) -> int:
     spec = runner.EvalSpec(
         out=args.out,
         data=args.data,
-        n=args.n,
+        n=args.first if args.first is not None else args.n,
+        first=True if args.first is not None else (False if args.n is not None else None),
         seed=args.seed,
         size=args.size,
         tasks=runner.parse_list(args.tasks, "--tasks"),
@@ -195,6 +231,7 @@ def cmd_evaluate(args) -> int:
         fig7_task=args.fig7_task,
         pixel_prior=args.pixel_prior,
         latent_prior=args.latent_prior,
+        adm_config=parse_adm_config(args.adm_config),
         device=args.device,
         dtype=args.dtype,
         batch_size=args.batch_size,
@@ -259,12 +296,11 @@ def _add_demo(sub) -> None:
     p.add_argument("--pixel-prior", default=None, metavar="SPEC", help="pixel prior for ddrm (default builtin:pixel-s)")
     p.add_argument("--latent-prior", default=None, metavar="SPEC", help="latent SR prior (default builtin:ldmsr-s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--threads", type=int, default=None,
         help="CPU threads for torch (default: torch's choice, one per core; 1 is faster on a busy machine)",
     )  # fmt: skip
-    p.add_argument("--no-progress", action="store_true")
+    _add_run_options(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -281,6 +317,7 @@ def cmd_demo(args) -> int:
         steps=parse_steps(args.steps),
         pixel_prior=args.pixel_prior,
         latent_prior=args.latent_prior,
+        adm_config=parse_adm_config(args.adm_config),
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
@@ -293,17 +330,8 @@ def cmd_demo(args) -> int:
             torch.set_num_threads(args.threads)
         plan = demo.prepare(spec)  # every user error is raised here, before anything is written
         demo.warn_skipped(plan)
-        created = io.prepare_output_dir(spec.out)
-        written: list[Path] = []
-        try:
+        with io.writing_into(spec.out, subdirs=("images",)) as written:
             summary = demo.execute(plan, written)
-        except BaseException:
-            for f in written:
-                f.unlink(missing_ok=True)
-            io.remove_if_empty(spec.out / "images")
-            if created:
-                io.remove_if_empty(spec.out)
-            raise
     finally:
         torch.set_num_threads(threads)
     demo.print_results(summary, spec.out)

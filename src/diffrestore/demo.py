@@ -77,6 +77,7 @@ class DemoSpec:
     steps: dict[str, int] = field(default_factory=dict)  # {"*": N} and/or {method: N}
     pixel_prior: str | None = None
     latent_prior: str | None = None
+    adm_config: dict | None = None  # ADM hyper-parameters for the pixel prior (--adm-config)
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -172,7 +173,8 @@ def prepare(spec: DemoSpec) -> DemoPlan:
     if not kinds:
         raise DemoError("no method can run: " + "; ".join(sorted({f"{s['prior']}: {s['reason']}" for s in skipped})))
     for kind in kinds:
-        priors[kind] = load_prior(prior_specs[kind], device=spec.device, kind=kind)
+        adm_config = spec.adm_config if kind == "pixel" else None
+        priors[kind] = load_prior(prior_specs[kind], device=spec.device, kind=kind, adm_config=adm_config)
     methods = [m for m in methods if get_method(m).prior in priors]
     for m in methods:
         prior = priors[get_method(m).prior]
@@ -284,6 +286,7 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
             "methods": plan.methods,
             "steps": plan.steps,
             "priors": {k: v for k, v in plan.prior_specs.items() if k in plan.priors},
+            **({"adm_config": spec.adm_config} if spec.adm_config is not None and "pixel" in plan.priors else {}),
             "device": str(spec.device),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),

@@ -54,6 +54,26 @@ def remove_if_empty(path: str | os.PathLike) -> None:
         pass
 
 
+@contextmanager
+def writing_into(out: str | os.PathLike, subdirs: tuple[str, ...] = ()):
+    """Prepare the output folder ``out`` (:func:`prepare_output_dir`) and yield a list for the caller to
+    append every file it writes to. If the block fails, those files are removed, then the ``subdirs`` of
+    ``out`` if empty, then ``out`` itself if this call created it and it is empty: no output files."""
+    out = Path(out)
+    created = prepare_output_dir(out)
+    written: list[Path] = []
+    try:
+        yield written
+    except BaseException:
+        for f in written:
+            Path(f).unlink(missing_ok=True)
+        for d in subdirs:
+            remove_if_empty(out / d)
+        if created:
+            remove_if_empty(out)
+        raise
+
+
 def pil_to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB.
 

@@ -129,11 +129,13 @@ def restore_file_inputs(
     written: list,
     method_kwargs: dict,
     progress: bool = True,
+    adm_config: dict | None = None,
 ) -> list[dict]:
     """Restore image files one by one and write PNGs + a JSON record per image into ``out``.
 
     ``images`` is a list of (path, tensor (3, H, W) in [-1, 1]). Every file written is appended to
-    ``written`` so a caller can remove them if a later image fails.
+    ``written`` so a caller can remove them if a later image fails. ``adm_config`` (the prior's
+    ``--adm-config``, if any) goes into the records.
     """
     from tqdm.auto import tqdm
 
@@ -191,6 +193,7 @@ def restore_file_inputs(
             "method": method,
             "task": task_name,
             "prior": prior_spec,
+            **({"adm_config": adm_config} if adm_config is not None else {}),
             "steps": steps,
             "seed": seed,
             "sigma_y": task.sigma_y,

@@ -24,6 +24,12 @@ def test_subset_is_seeded_and_order_stable():
     assert choose_subset(files, None, 0) == files
 
 
+def test_first_subset_is_the_sorted_head():
+    files = [f"f{i:02d}" for i in range(50)]
+    assert choose_subset(files, 7, 3, first=True) == files[:7]
+    assert choose_subset(files, 70, 3, first=True) == files
+
+
 def test_center_crop_takes_the_middle_square():
     a = np.zeros((10, 30, 3), np.uint8)
     a[:, 10:20] = 255  # the central 10x10 square is white

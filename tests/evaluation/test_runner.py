@@ -270,6 +270,14 @@ def test_changed_settings_are_refused(reference, data, tmp_path, monkeypatch, ch
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_first_instead_of_random_subset_is_refused(reference, data, tmp_path, monkeypatch):
+    run = _copy(reference, tmp_path)
+    argv = fx.evaluate_argv(data, run)
+    argv[argv.index("--n")] = "--first"
+    rc, out, err = fx.run_cli(monkeypatch, argv)
+    assert rc == 2 and "was made with different settings: first False -> True" in err
+
+
 def test_other_data_folder_is_refused(reference, data, tmp_path, monkeypatch):
     run = _copy(reference, tmp_path)
     other = fx.make_data(tmp_path / "other")

@@ -15,6 +15,15 @@ import torch
 from diffrestore.training import common
 from diffrestore.training.data import CropSampler, block_downsample, list_photos, load_photos, split_photos
 
+# keys of a checkpoint's "options" record (read back by --resume; the running jobs' checkpoints have them)
+SHARED_OPTION_KEYS = {"crop", "batch", "lr", "warmup", "grad_clip", "ema_decay", "short_side", "holdout_every", "seed",
+                      "threads", "device"}
+OPTION_KEYS = {
+    "pixel": SHARED_OPTION_KEYS | {"weight_decay", "t_low_frac", "t_low_max"},
+    "autoencoder": SHARED_OPTION_KEYS | {"kl_weight", "mse_weight", "logvar_init"},
+    "latent_unet": SHARED_OPTION_KEYS | {"lr_noise_frac", "lr_noise_max", "vae_sha256"},
+}
+
 TINY_PIXEL = dict(
     crop=16, batch=2, channels=(8, 16), norm_num_groups=4, warmup=2, max_photos=6, val_size=2,
     log_every=1, ckpt_every_s=0, progress=False, threads=1,
@@ -82,6 +91,7 @@ def test_pixel_resume_reproduces_uninterrupted_run(data_dir, tmp_path):
     assert got[3] == ref[3] and got[4] == ref[4]
     a = torch.load(full / common.CHECKPOINT_NAME, weights_only=False)
     b = torch.load(part / common.CHECKPOINT_NAME, weights_only=False)
+    assert set(b["options"]) == OPTION_KEYS["pixel"] and b["options"]["warmup"] == 2
     for k, v in a["ema"]["model"].items():
         assert torch.equal(v, b["ema"]["model"][k]), k
     assert not [p for p in part.iterdir() if p.name.endswith(".tmp")]
@@ -136,6 +146,9 @@ def test_latent_sr_stages_export_a_loadable_folder(data_dir, tmp_path):
         layers_per_block=1, val_size=2, resume=True, **kw,
     )
     assert r["step"] == 3
+    for run, kind in (("ae", "autoencoder"), ("unet", "latent_unet")):
+        ck = torch.load(tmp_path / run / common.CHECKPOINT_NAME, weights_only=False)
+        assert ck["kind"] == kind and set(ck["options"]) == OPTION_KEYS[kind]
     with pytest.raises(common.TrainingError):  # would invalidate the trained UNet
         train_latent_sr("autoencoder", data_dir, out, tmp_path / "ae2", crop=16, steps=1, **kw)
     # a UNet trained from a separate --vae folder ships that autoencoder beside it
@@ -176,3 +189,35 @@ def test_latent_normalisation_is_exact():
     m2, s2 = latent_stats(norm, x)
     torch.testing.assert_close(m2, torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(s2, torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_loop_options_keywords_and_defaults():
+    loop = common.LoopOptions.resolve(None, {"batch": 3}, warmup=500)
+    assert (loop.batch, loop.warmup, loop.steps) == (3, 500, 300_000)
+    assert common.LoopOptions.resolve(loop, {"seed": 2}).warmup == 500
+    with pytest.raises(TypeError):
+        common.LoopOptions.resolve(None, {"no_such_option": 1})
+
+
+@pytest.mark.parametrize(
+    "module, stage, kind",
+    [("pixel", [], "pixel"), ("latent_sr", ["autoencoder"], "autoencoder"), ("latent_sr", ["unet"], "latent_unet")],
+)
+def test_cli_resume_takes_options_from_checkpoint(tmp_path, monkeypatch, module, stage, kind):
+    """``--resume`` on a checkpoint's "options" record: its values become the defaults, the command line wins."""
+    import importlib
+
+    mod = importlib.import_module(f"diffrestore.training.{module}")
+    options = {k: 0 for k in OPTION_KEYS[kind]}
+    options.update(crop=32, batch=3, lr=1e-3, warmup=7, ema_decay=0.9, holdout_every=5, seed=4, threads=2,
+                   device="cpu", grad_clip=0.5, short_side=[100.0, 200.0], vae_sha256="ab")
+    torch.save({"options": options}, tmp_path / common.CHECKPOINT_NAME)
+    got = {}
+    monkeypatch.setattr(mod, "train_pixel" if module == "pixel" else "train_latent_sr",
+                        lambda *a, **kw: got.update(kw) or {"step": 0})
+    argv = [*stage, "--data", "d", "--run", str(tmp_path), "--resume", "--seed", "9", "--no-progress"]
+    assert mod.main(argv) == 0
+    assert got["crop"] == 32 and got["resume"] is True and got["progress"] is False
+    loop = {k: got[k] for k in ("batch", "lr", "warmup", "ema_decay", "holdout_every", "seed", "threads", "grad_clip")}
+    assert loop == dict(batch=3, lr=1e-3, warmup=7, ema_decay=0.9, holdout_every=5, seed=9, threads=2, grad_clip=0.5)
+    assert got["steps"] == 300_000 and got["max_minutes"] is None and got["device"] == "cpu"

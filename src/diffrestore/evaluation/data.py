@@ -32,12 +32,16 @@ def find_images(root: str | os.PathLike) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def choose_subset(files: list[Path], n: int | None, seed: int) -> list[Path]:
-    """A seeded random subset of ``n`` files (all files, in order, when n is None or >= len)."""
+def choose_subset(files: list[Path], n: int | None, seed: int, first: bool = False) -> list[Path]:
+    """A seeded random subset of ``n`` files, or with ``first`` the first ``n`` in sorted order (all files,
+    in order, when n is None or >= len). ``first`` exists because published protocols say "the first 100
+    images"."""
     if n is None or n >= len(files):
         return list(files)
     if n <= 0:
         raise ValueError(f"--n must be positive, got {n}")
+    if first:
+        return list(files[:n])
     idx = sorted(random.Random(seed).sample(range(len(files)), n))
     return [files[i] for i in idx]
 

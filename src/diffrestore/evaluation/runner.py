@@ -168,10 +168,11 @@ def make_task(name: str, size: int):
     return _import("diffrestore.operators.tasks", "the task registry").make_task(name, (3, size, size))
 
 
-def load_prior(spec: str, device: str, dtype: str, kind: str):
-    """A ``kind`` ("pixel" / "latent") prior from a spec (path or builtin:NAME); dtype fp32/fp16/bf16."""
+def load_prior(spec: str, device: str, dtype: str, kind: str, adm_config: dict | None = None):
+    """A ``kind`` ("pixel" / "latent") prior from a spec (path or builtin:NAME); dtype fp32/fp16/bf16;
+    ``adm_config``: ADM hyper-parameters an ADM checkpoint does not store (``--adm-config``)."""
     loading = _import("diffrestore.priors.loading", "prior loading")
-    return loading.load_prior(spec, device=device, dtype=dtype, kind=kind)
+    return loading.load_prior(spec, device=device, dtype=dtype, kind=kind, adm_config=adm_config)
 
 
 _LPIPS_STATE: dict = {}
@@ -225,6 +226,7 @@ class EvalSpec:
     out: str
     data: str | None = None
     n: int | None = None
+    first: bool | None = None  # the first n images (sorted) instead of a seeded random subset
     seed: int | None = None
     size: int | None = None
     tasks: list[str] | None = None
@@ -234,6 +236,7 @@ class EvalSpec:
     fig7_task: str | None = None
     pixel_prior: str | None = None
     latent_prior: str | None = None
+    adm_config: dict | None = None  # ADM hyper-parameters for the pixel prior (--adm-config)
     device: str = "cpu"
     dtype: str | None = None
     batch_size: int = 1
@@ -387,7 +390,8 @@ def prepare(spec: EvalSpec) -> Plan:
     if spec.nproc < 1:
         raise EvalError(f"--nproc must be positive, got {spec.nproc}")
 
-    chosen = choose_subset(find_images(data), n, seed)
+    first = bool(spec.first if spec.first is not None else o_set.get("first", False))
+    chosen = choose_subset(find_images(data), n, seed, first=first)
     files = [p.relative_to(data).as_posix() for p in chosen]
 
     settings = {
@@ -395,6 +399,7 @@ def prepare(spec: EvalSpec) -> Plan:
         "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
         "n_images": len(files),
         "n": n,
+        "first": first,
         "seed": seed,
         "size": size,
         "dtype": dtype,
@@ -402,11 +407,17 @@ def prepare(spec: EvalSpec) -> Plan:
         "pixel_prior": _norm_prior(spec.pixel_prior) or o_set.get("pixel_prior"),
         "latent_prior": _norm_prior(spec.latent_prior) or o_set.get("latent_prior"),
     }
+    adm_config = spec.adm_config if spec.adm_config is not None else o_set.get("adm_config")
+    if adm_config is not None:  # recorded only when given (configs written before the option stay valid)
+        settings["adm_config"] = adm_config
     diffs = []
     if old:
-        for key in ("data", "n", "seed", "size", "dtype", "device_type", "pixel_prior", "latent_prior"):
+        o_set.setdefault("first", False)  # runs recorded before --first existed used a random subset
+        for key in ("data", "n", "first", "seed", "size", "dtype", "device_type", "pixel_prior", "latent_prior"):
             if o_set.get(key) != settings[key] and not (key.endswith("_prior") and o_set.get(key) is None):
                 diffs.append(f"{key.replace('_', ' ')} {o_set.get(key)} -> {settings[key]}")
+        if o_set.get("adm_config") != settings.get("adm_config") and o_set.get("pixel_prior") is not None:
+            diffs.append(f"adm config {o_set.get('adm_config')} -> {settings.get('adm_config')}")
         if not diffs and o_set.get("files_sha256") != settings["files_sha256"]:
             diffs.append("the chosen images differ (the data folder's contents changed)")
 
@@ -646,7 +657,9 @@ class _Resources:
         kind = get_method(method).prior
         if kind not in self.priors:
             spec = self.plan.settings[f"{kind}_prior"]
-            prior = load_prior(spec, self.plan.device, self.plan.settings["dtype"], kind)
+            adm = self.plan.settings.get("adm_config") if kind == "pixel" else None
+            args = (spec, self.plan.device, self.plan.settings["dtype"], kind)
+            prior = load_prior(*args, adm_config=adm) if adm else load_prior(*args)  # plugins' may not take it
             got = "latent" if hasattr(prior, "encode") else "pixel"
             if got != kind:
                 raise EvalError(f"--{kind}-prior {spec} is a {got} prior")

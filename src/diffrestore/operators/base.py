@@ -87,7 +87,11 @@ class LinearOperator:
     # --- SVD parts ----------------------------------------------------------------------------
     @property
     def singulars(self) -> torch.Tensor:
-        raise NotImplementedError
+        """(m,) float64 on the CPU: what the subclass's constructor stored in ``_singulars`` (or override)."""
+        s = self.__dict__.get("_singulars")
+        if s is None:
+            raise NotImplementedError(f"{type(self).__name__} defines no singular values")
+        return s
 
     def singulars_as(self, t: torch.Tensor) -> torch.Tensor:
         """``singulars`` on ``t``'s device and dtype (cached)."""

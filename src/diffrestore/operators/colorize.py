@@ -43,10 +43,6 @@ class Colorization(LinearOperator):
     def measurement_shape(self) -> tuple[int, int, int]:
         return (1, self.in_shape[1], self.in_shape[2])
 
-    @property
-    def singulars(self) -> torch.Tensor:
-        return self._singulars
-
     def Vt(self, x: torch.Tensor) -> torch.Tensor:
         self._check_x(x)
         coef = torch.einsum("ck,bchw->bkhw", self._get("V", x), x)

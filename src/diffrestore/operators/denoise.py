@@ -18,10 +18,6 @@ class Identity(LinearOperator):
     def measurement_shape(self) -> tuple[int, int, int]:
         return self.in_shape
 
-    @property
-    def singulars(self) -> torch.Tensor:
-        return self._singulars
-
     def Vt(self, x: torch.Tensor) -> torch.Tensor:
         self._check_x(x)
         return x.reshape(x.shape[0], self.D)

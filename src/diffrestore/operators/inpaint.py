@@ -84,10 +84,6 @@ class Inpainting(LinearOperator):
     def measurement_shape(self) -> tuple[int, int, int]:
         return self.in_shape
 
-    @property
-    def singulars(self) -> torch.Tensor:
-        return self._singulars
-
     def _permute(self, z: torch.Tensor) -> torch.Tensor:
         z = z.reshape(z.shape[0], self.D)
         return z.index_select(1, self._get("perm", z))

@@ -64,10 +64,6 @@ class SeparableOperator(LinearOperator):
     def measurement_shape(self) -> tuple[int, int, int]:
         return (self.in_shape[0], self._mh, self._mw)
 
-    @property
-    def singulars(self) -> torch.Tensor:
-        return self._singulars
-
     # --- SVD parts ----------------------------------------------------------------------------
     def Vt(self, x: torch.Tensor) -> torch.Tensor:
         self._check_x(x)

@@ -533,7 +533,8 @@ def infer_adm_hparams(
                 hc //= 2
             _warn_one_line(
                 f"ADM head width is not stored in {where}; guessed num_head_channels={hc} "
-                f"(override with adm_config={{'num_head_channels': N}})"
+                f"(override with adm_config={{'num_head_channels': N}}, on the command line "
+                f"--adm-config '{{\"num_head_channels\": N}}')"
             )
     hp = dict(
         image_size=int(image_size),

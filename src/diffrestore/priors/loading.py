@@ -55,7 +55,7 @@ def load_prior(
         dtype: network compute dtype (``torch.float16``/``torch.bfloat16`` or "fp16"/"bf16"); eps is float32.
         kind: ``"pixel"`` or ``"latent"`` to insist on one kind (a mismatch raises ``PriorLoadError``).
         adm_config: ADM hyper-parameters overriding what is inferred from an ADM checkpoint's weights
-            (e.g. ``{"num_head_channels": 32}``; meant for a future CLI option).
+            (e.g. ``{"num_head_channels": 32}``; the CLI's ``--adm-config``).
     """
     if kind not in _KINDS:
         raise PriorLoadError(f"unknown prior kind {kind!r}; use 'pixel' or 'latent'")

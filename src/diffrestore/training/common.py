@@ -4,15 +4,24 @@ A checkpoint holds everything needed to continue bit-for-bit: model, EMA model, 
 cumulative wall time, the numpy ``Generator`` that draws crops and the ``torch.Generator`` that
 draws timesteps and noise. It is written to a temporary file beside its target and renamed over it,
 so a run killed mid-write leaves the previous checkpoint intact.
+
+The options every trainer shares (steps, batch, learning rate and warm-up, gradient clip, EMA decay,
+hold-out, checkpoint and log cadence, time limit, threads, device, seed, progress) are one
+:class:`LoopOptions`; :func:`add_loop_arguments` puts them on a trainer's command line and
+:class:`Trainer` does the work around a trainer's own model and loss (run folder, resume, EMA,
+AdamW, RNGs, optimiser step, checkpoints, log, loop).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -189,6 +198,26 @@ def fmt_hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
+def unet2d(in_channels, out_channels, block_out_channels, layers_per_block, attention, norm_num_groups, sample_size):
+    """The eps-prediction ``diffusers.UNet2DModel`` of the built-in priors: plain Down/Up blocks (attention in
+    the mid block only, if ``attention``), scale-shift time conditioning."""
+    from diffusers import UNet2DModel
+
+    n = len(block_out_channels)
+    return UNet2DModel(
+        sample_size=int(sample_size),
+        in_channels=int(in_channels),
+        out_channels=int(out_channels),
+        block_out_channels=tuple(int(c) for c in block_out_channels),
+        layers_per_block=int(layers_per_block),
+        down_block_types=("DownBlock2D",) * n,
+        up_block_types=("UpBlock2D",) * n,
+        add_attention=bool(attention),
+        norm_num_groups=int(norm_num_groups),
+        resnet_time_scale_shift="scale_shift",
+    )
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2), averaged over the batch."""
     mse = ((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) ** 2).flatten(1).mean(1).clamp_min(1e-12)
@@ -200,11 +229,16 @@ __all__ = [
     "LOG_NAME",
     "EMA",
     "JsonlLog",
+    "LoopOptions",
+    "Trainer",
     "TrainingError",
+    "add_loop_arguments",
     "atomic_write_json",
     "atomic_write_text",
     "fmt_hours",
+    "cli_main",
     "hardware_string",
+    "int_list",
     "load_checkpoint",
     "lr_at",
     "param_count",
@@ -215,6 +249,7 @@ __all__ = [
     "save_diffusers_fp16",
     "set_rng_state",
     "set_threads",
+    "unet2d",
 ]
 
 
@@ -334,3 +369,208 @@ def parse_with_resume_defaults(parser, argv, rename: dict | None = None):
             defaults[dest] = v
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# the options every trainer shares, their command-line form, and the work around a model and loss
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoopOptions:
+    """The training-loop options shared by every trainer.
+
+    A trainer takes them as keyword arguments (``train_pixel(..., steps=4, batch=2)``) or as
+    ``loop=LoopOptions(...)``; its own defaults (e.g. ``warmup``) are given to :meth:`resolve`.
+    """
+
+    steps: int = 300_000  # total steps (stop there)
+    batch: int = 16
+    lr: float = 2e-4
+    warmup: int = 1000  # linear warm-up steps
+    grad_clip: float = 1.0  # gradient-norm clip (0: none)
+    ema_decay: float = 0.999
+    holdout_every: int = 28  # every N-th photo (sorted order) held out for validation
+    ckpt_every_s: float = 300.0
+    ckpt_every_steps: int = 0
+    log_every: int = 50
+    max_minutes: float | None = None  # stop (with a checkpoint) after this long
+    resume: bool = False
+    threads: int = 1
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+    progress_interval: float = 10.0  # seconds between progress-bar updates
+
+    @classmethod
+    def resolve(cls, loop: LoopOptions | None, overrides: dict, **defaults) -> LoopOptions:
+        """``loop`` (default: these defaults with the trainer's ``defaults`` over them) with ``overrides``
+        applied; an unknown name is a TypeError, as for any keyword argument."""
+        return dataclasses.replace(loop if loop is not None else cls(**defaults), **overrides)
+
+    @classmethod
+    def kwargs_from_args(cls, args: argparse.Namespace) -> dict:
+        """The options parsed by :func:`add_loop_arguments`, as keyword arguments; an option left at
+        ``None`` whose default here is not ``None`` (``--warmup`` of latent_sr) is left out, so the
+        trainer's own default applies."""
+        kw = {}
+        for f in dataclasses.fields(cls):
+            v = (not args.no_progress) if f.name == "progress" else getattr(args, LOOP_ARG_DESTS.get(f.name, f.name))
+            if v is None and f.default is not None:
+                continue
+            kw[f.name] = v
+        return kw
+
+
+# option key (LoopOptions field, "options" record of a checkpoint) -> argparse dest where they differ
+LOOP_ARG_DESTS = {"ema_decay": "ema"}
+
+
+def int_list(s: str) -> tuple[int, ...]:
+    """argparse type of ``--channels 16,32,64``."""
+    return tuple(int(v) for v in s.split(",") if v.strip())
+
+
+def add_loop_arguments(
+    p: argparse.ArgumentParser, *, data_help=None, out_help=None, warmup: int | None = LoopOptions.warmup,
+    warmup_help=None,
+) -> None:
+    """``--data``, ``--out``, ``--run``, ``--resume`` and the :class:`LoopOptions` of a trainer's command line."""
+    d = LoopOptions
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--out", default=None, help=out_help)
+    p.add_argument("--run", required=True, help="folder for the full checkpoint and log.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=warmup, help=warmup_help)
+    p.add_argument("--steps", type=int, default=d.steps, help="total steps (stop there)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--ema", type=float, default=d.ema_decay, help="EMA decay")
+    p.add_argument("--holdout-every", type=int, default=d.holdout_every)
+    p.add_argument("--ckpt-every-s", type=float, default=d.ckpt_every_s)
+    p.add_argument("--ckpt-every-steps", type=int, default=d.ckpt_every_steps)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument(
+        "--max-minutes", type=float, default=d.max_minutes, help="stop (with a checkpoint) after this long"
+    )
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--progress-interval", type=float, default=d.progress_interval, help="seconds between progress-bar updates"
+    )
+
+
+def cli_main(parser: argparse.ArgumentParser, argv, train) -> int:
+    """Parse (``--resume`` defaults from the checkpoint), call ``train(args, loop_kwargs)``, print its result
+    as JSON; a TrainingError is one line on stderr and exit status 2."""
+    args = parse_with_resume_defaults(parser, argv, rename=LOOP_ARG_DESTS)
+    try:
+        result = train(args, LoopOptions.kwargs_from_args(args))
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, default=str))
+    return 0
+
+
+class Trainer:
+    """What every trainer does around its own model and loss.
+
+    ``Trainer(run_dir, loop)`` sets the threads, resolves the device, creates the run folder (refusing to
+    overwrite a checkpoint unless ``loop.resume``) and loads the checkpoint to resume from (``resumed``).
+    :meth:`build_model` seeds torch and builds the model, its EMA, AdamW and the two RNGs, restored from
+    the checkpoint on resume; :meth:`optimize` is the optimiser step of ``step_fn``; :meth:`save` writes
+    the checkpoint; :meth:`train` runs the loop and logs its end.
+    """
+
+    def __init__(self, run_dir, loop: LoopOptions):
+        set_threads(loop.threads)
+        self.loop = loop
+        self.device = resolve_device(loop.device)
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.run_dir / CHECKPOINT_NAME
+        if not loop.resume and self.ckpt_path.exists():
+            raise TrainingError(f"{self.ckpt_path} exists: pass --resume to continue it, or choose another --run")
+        self.resumed: dict | None = load_checkpoint(self.ckpt_path) if loop.resume else None
+        self.log = JsonlLog(self.run_dir / LOG_NAME)
+        self.hardware = hardware_string(self.device, loop.threads)
+
+    def build_model(self, build, model_cfg: dict, *, weight_decay: float = 0.0, init=None) -> nn.Module:
+        """``build(**model_cfg)`` on the device (the checkpoint's config on resume; then ``init(model,
+        model_cfg)``), with EMA, AdamW and the RNGs, all restored from the checkpoint on resume."""
+        loop = self.loop
+        torch.manual_seed(loop.seed)
+        state, self.resumed = self.resumed, None
+        self.model_cfg = state["model_cfg"] if state is not None else model_cfg
+        model = build(**self.model_cfg).to(self.device)
+        if init is not None:
+            init(model, self.model_cfg)
+        self.model = model
+        self.ema = EMA(model, loop.ema_decay)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, weight_decay=weight_decay)
+        self.np_rng = np.random.default_rng(loop.seed)
+        self.gen = torch.Generator().manual_seed(loop.seed)
+        self.step, self.elapsed = 0, 0.0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["opt"])
+            set_rng_state(self.np_rng, self.gen, state["rng"])
+            self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
+            del state
+        self.ema.model.to(self.device)
+        return model
+
+    def options(self, **specific) -> dict:
+        """The "options" record of checkpoints and logs (read back by ``--resume``): the trainer's own
+        options, then the shared ones (``device`` as resolved)."""
+        loop = self.loop
+        return {
+            **specific, "batch": loop.batch, "lr": loop.lr, "warmup": loop.warmup, "grad_clip": loop.grad_clip,
+            "ema_decay": loop.ema_decay, "holdout_every": loop.holdout_every, "seed": loop.seed,
+            "threads": loop.threads, "device": str(self.device),
+        }
+
+    def log_start(self, options: dict, **record) -> None:
+        self.log.write(event="start", step=self.step, resume=bool(self.loop.resume), options=options,
+                       model_cfg=self.model_cfg, params=param_count(self.model), **record)
+
+    def optimize(self, step: int, loss: torch.Tensor) -> tuple[float, float]:
+        """Warm-up learning rate, backward, gradient clip, AdamW step, EMA update; returns (loss, lr)."""
+        loop = self.loop
+        cur_lr = lr_at(step, loop.lr, loop.warmup)
+        for g in self.opt.param_groups:
+            g["lr"] = cur_lr
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if loop.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), loop.grad_clip)
+        self.opt.step()
+        self.ema.update(self.model)
+        return float(loss.detach()), cur_lr
+
+    def save(self, step: int, elapsed: float, kind: str, options: dict, **extra) -> None:
+        save_checkpoint(
+            self.ckpt_path,
+            {
+                "kind": kind, "model_cfg": self.model_cfg, "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "rng": rng_state(self.np_rng, self.gen),
+                "step": step, "elapsed": elapsed, "options": options, **extra,
+            },
+        )
+
+    def train(self, step_fn, checkpoint_fn, desc: str, ndigits: int = 6) -> dict:
+        """:func:`run_loop` with these options, then a "stop" log record (floats rounded to ``ndigits``)."""
+        loop = self.loop
+        result = run_loop(
+            start_step=self.step, steps=loop.steps, elapsed_before=self.elapsed, step_fn=step_fn,
+            checkpoint_fn=checkpoint_fn, log=self.log, log_every=loop.log_every, ckpt_every_s=loop.ckpt_every_s,
+            ckpt_every_steps=loop.ckpt_every_steps, max_minutes=loop.max_minutes, progress=loop.progress,
+            progress_interval=loop.progress_interval, desc=desc,
+        )
+        self.log.write(event="stop", **{k: (round(v, ndigits) if isinstance(v, float) else v) for k, v in result.items()})
+        return result

@@ -113,3 +113,15 @@ def fixed_batch(sampler: CropSampler, n: int, seed: int = 12345) -> torch.Tensor
 def block_downsample(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
     """Average over non-overlapping ``factor`` x ``factor`` blocks (DDRM's sr4 operator for factor 4)."""
     return torch.nn.functional.avg_pool2d(x, factor, stride=factor)
+
+
+def load_training_data(data_dir, crop: int, short_side, holdout_every: int, max_photos: int | None, val_size: int):
+    """(training photos, their CropSampler, fixed validation crops of the held-out photos or None)."""
+    train_files, held_files = split_photos(list_photos(data_dir), holdout_every)
+    photos = load_photos(train_files, limit=max_photos)
+    sampler = CropSampler(photos, crop, short_side=short_side)
+    val_x = None
+    if held_files and val_size > 0:
+        held = load_photos(held_files, limit=max_photos)
+        val_x = fixed_batch(CropSampler(held, crop, short_side=short_side), val_size)
+    return photos, sampler, val_x

@@ -31,36 +31,27 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..io import atomic_write_bytes
 from ..priors.base import alphas_cumprod_from_betas
 from .common import (
-    CHECKPOINT_NAME,
-    EMA,
-    LOG_NAME,
-    JsonlLog,
+    LoopOptions,
+    Trainer,
     TrainingError,
+    add_loop_arguments,
     atomic_write_json,
     atomic_write_text,
+    cli_main,
     fmt_hours,
-    hardware_string,
-    load_checkpoint,
-    lr_at,
-    parse_with_resume_defaults,
+    int_list,
     param_count,
     psnr,
-    resolve_device,
-    rng_state,
-    run_loop,
-    save_checkpoint,
     save_diffusers_fp16,
-    set_rng_state,
-    set_threads,
+    unet2d,
 )
-from .data import CropSampler, block_downsample, fixed_batch, list_photos, load_photos, split_photos
+from .data import block_downsample, fixed_batch, load_training_data
 
 LDM_SCHEDULER = {
     "_class_name": "DDIMScheduler",
@@ -121,21 +112,8 @@ def build_latent_unet(
     sample_size: int = 32,
 ):
     """(latent + RGB low-res) -> latent eps UNet2DModel, fully convolutional unless ``attention``."""
-    from diffusers import UNet2DModel
-
-    n = len(block_out_channels)
-    return UNet2DModel(
-        sample_size=int(sample_size),
-        in_channels=int(latent_channels) + 3,
-        out_channels=int(latent_channels),
-        block_out_channels=tuple(int(c) for c in block_out_channels),
-        layers_per_block=int(layers_per_block),
-        down_block_types=("DownBlock2D",) * n,
-        up_block_types=("UpBlock2D",) * n,
-        add_attention=bool(attention),
-        norm_num_groups=int(norm_num_groups),
-        resnet_time_scale_shift="scale_shift",
-    )
+    c = int(latent_channels)
+    return unet2d(c + 3, c, block_out_channels, layers_per_block, attention, norm_num_groups, sample_size)
 
 
 @torch.no_grad()
@@ -175,18 +153,6 @@ def _file_sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # shared setup
 # ---------------------------------------------------------------------------------------------
-
-
-def _setup(data_dir, crop, short_side, holdout_every, max_photos, val_size):
-    files = list_photos(data_dir)
-    train_files, held_files = split_photos(files, holdout_every)
-    photos = load_photos(train_files, limit=max_photos)
-    sampler = CropSampler(photos, crop, short_side=short_side)
-    val_x = None
-    if held_files and val_size > 0:
-        held = load_photos(held_files, limit=max_photos)
-        val_x = fixed_batch(CropSampler(held, crop, short_side=short_side), val_size)
-    return photos, sampler, val_x
 
 
 def _write_folder_meta(out_dir: Path) -> None:
@@ -272,12 +238,6 @@ def train_autoencoder(
     run_dir,
     *,
     crop: int = 64,
-    batch: int = 16,
-    lr: float = 2e-4,
-    warmup: int = 500,
-    steps: int = 200_000,
-    grad_clip: float = 1.0,
-    ema_decay: float = 0.999,
     kl_weight: float = 1e-6,
     mse_weight: float = 1.0,
     logvar_init: float = -6.0,
@@ -286,113 +246,66 @@ def train_autoencoder(
     latent_channels: int = 3,
     norm_num_groups: int = 16,
     short_side=(192.0, 256.0),
-    holdout_every: int = 28,
     val_size: int = 32,
     stats_size: int = 128,
     max_photos: int | None = None,
-    ckpt_every_s: float = 300.0,
-    ckpt_every_steps: int = 0,
-    log_every: int = 50,
-    max_minutes: float | None = None,
-    resume: bool = False,
-    threads: int = 1,
-    device: str = "cpu",
-    seed: int = 0,
-    progress: bool = True,
-    progress_interval: float = 10.0,
+    loop: LoopOptions | None = None,
+    **loop_options,
 ) -> dict:
-    """Stage 1. Exports the normalised EMA autoencoder (fp16) to ``out_dir/vae`` at each checkpoint."""
-    set_threads(threads)
-    dev = resolve_device(device)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / CHECKPOINT_NAME
-    if not resume and ckpt_path.exists():
-        raise TrainingError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --run")
+    """Stage 1. Exports the normalised EMA autoencoder (fp16) to ``out_dir/vae`` at each checkpoint.
+
+    Loop options: :class:`LoopOptions` (here warmup 500 and steps 200,000 by default)."""
+    loop = LoopOptions.resolve(loop, loop_options, warmup=500, steps=200_000)
+    tr = Trainer(run_dir, loop)
+    dev = tr.device
     if out_dir is not None and (Path(out_dir) / "unet" / "config.json").is_file():
         raise TrainingError(
             f"{out_dir}: a latent UNet was trained on this folder's vae/; exporting a new autoencoder would "
             "invalidate it (export to another --out, then retrain the unet stage on it)"
         )
-    photos, sampler, val_x = _setup(data_dir, crop, short_side, holdout_every, max_photos, val_size)
+    photos, sampler, val_x = load_training_data(data_dir, crop, short_side, loop.holdout_every, max_photos, val_size)
     stats_x = fixed_batch(sampler, stats_size, seed=4242) if stats_size else None
 
-    torch.manual_seed(seed)
+    def init_logvar(model, cfg):
+        if logvar_init is not None:  # start with a nearly deterministic posterior (std e^(logvar/2))
+            with torch.no_grad():
+                model.quant_conv.bias[cfg["latent_channels"] :] = logvar_init
+
     model_cfg = dict(
         block_out_channels=list(channels), layers_per_block=layers_per_block, latent_channels=latent_channels,
         norm_num_groups=norm_num_groups, sample_size=crop,
     )
-    state = load_checkpoint(ckpt_path) if resume else None
-    if state is not None:
-        model_cfg = state["model_cfg"]
-    model = build_autoencoder(**model_cfg).to(dev)
-    if logvar_init is not None:  # start with a nearly deterministic posterior (std e^(logvar/2))
-        with torch.no_grad():
-            model.quant_conv.bias[model_cfg["latent_channels"] :] = logvar_init
-    ema = EMA(model, ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    np_rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    step, elapsed = 0, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        set_rng_state(np_rng, gen, state["rng"])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
-        del state
-    ema.model.to(dev)
-    log = JsonlLog(run_dir / LOG_NAME)
-    options = dict(
-        crop=crop, batch=batch, lr=lr, warmup=warmup, grad_clip=grad_clip, ema_decay=ema_decay,
-        kl_weight=kl_weight, mse_weight=mse_weight, logvar_init=logvar_init, short_side=list(short_side),
-        holdout_every=holdout_every,
-        seed=seed, threads=threads, device=str(dev),
+    model = tr.build_model(build_autoencoder, model_cfg, init=init_logvar)
+    model_cfg = tr.model_cfg
+    options = tr.options(
+        crop=crop, kl_weight=kl_weight, mse_weight=mse_weight, logvar_init=logvar_init, short_side=list(short_side)
     )
-    log.write(event="start", stage="autoencoder", step=step, resume=bool(resume), options=options,
-              model_cfg=model_cfg, params=param_count(model), photos=len(photos))
-    hardware = hardware_string(dev, threads)
+    tr.log_start(options, stage="autoencoder", photos=len(photos))
     last_val: dict = {}
 
     def step_fn(i: int):
         model.train()
-        x = sampler.batch(batch, np_rng).to(dev)
-        cur_lr = lr_at(i, lr, warmup)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
+        x = sampler.batch(loop.batch, tr.np_rng).to(dev)
         post = model.encode(x).latent_dist
-        noise = torch.randn(post.mean.shape, generator=gen).to(dev)
+        noise = torch.randn(post.mean.shape, generator=tr.gen).to(dev)
         z = post.mean + post.std * noise
         rec = model.decode(z).sample
         err = rec - x
         rec_loss = err.abs().mean() + mse_weight * err.pow(2).mean()
         kl = post.kl().mean() / x[0].numel()  # per-pixel, like LDM's summed losses
-        loss = rec_loss + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        ema.update(model)
-        return float(loss.detach()), cur_lr
+        return tr.optimize(i, rec_loss + kl_weight * kl)
 
     def checkpoint_fn(i: int, el: float):
-        save_checkpoint(
-            ckpt_path,
-            {
-                "kind": "autoencoder", "model_cfg": model_cfg, "model": model.state_dict(), "ema": ema.state_dict(),
-                "opt": opt.state_dict(), "rng": rng_state(np_rng, gen), "step": i, "elapsed": el, "options": options,
-            },
-        )
-        ae_norm = ema.model
+        tr.save(i, el, "autoencoder", options)
+        ae_norm = tr.ema.model
         if stats_x is not None:
-            ema.model.eval()
-            m, s = latent_stats(ema.model, stats_x.to(dev))
-            ae_norm = normalized_autoencoder(ema.model, m, s)
+            tr.ema.model.eval()
+            m, s = latent_stats(tr.ema.model, stats_x.to(dev))
+            ae_norm = normalized_autoencoder(tr.ema.model, m, s)
         last_val.clear()
         if val_x is not None:  # validate what is shipped: normalised, rounded to fp16
             last_val.update(validate_autoencoder(copy.deepcopy(ae_norm).half().float(), val_x, dev))
-        log.write(event="checkpoint", step=i, elapsed=round(el, 1), **{k: _fmt(v) for k, v in last_val.items()})
+        tr.log.write(event="checkpoint", step=i, elapsed=round(el, 1), **{k: _fmt(v) for k, v in last_val.items()})
         if out_dir is not None:
             out = Path(out_dir)
             _write_folder_meta(out)
@@ -402,14 +315,13 @@ def train_autoencoder(
                 "architecture": f"block_out_channels {tuple(model_cfg['block_out_channels'])}, layers_per_block "
                 f"{model_cfg['layers_per_block']}, latent_channels {model_cfg['latent_channels']}, "
                 f"norm groups {model_cfg['norm_num_groups']}",
-                "parameters": f"{param_count(ema.model) / 1e6:.2f} M",
-                "data": f"{len(photos)} photos of {Path(data_dir).name}/ (every {holdout_every}th held out), random "
-                f"{crop}x{crop} crops of the photo rescaled to a short side uniform in {list(short_side)}, h-flips",
+                "parameters": f"{param_count(tr.ema.model) / 1e6:.2f} M",
+                "data": _recipe_data(len(photos), data_dir, loop, crop, short_side),
                 "loss": f"L1 + {mse_weight:g} * MSE on a posterior sample, + {kl_weight:g} * KL (per pixel); no GAN; "
                 f"posterior log-variance bias initialised to {logvar_init:g}",
-                "optimiser": f"AdamW lr {lr:g} (warm-up {warmup}), batch {batch}, clip {grad_clip:g}, EMA {ema_decay}",
+                "optimiser": _recipe_optimiser(loop),
                 "steps": i,
-                "wall time": f"{fmt_hours(el)} on {hardware}",
+                "wall time": f"{fmt_hours(el)} on {tr.hardware}",
                 "held-out reconstruction": ", ".join(f"{k} {v:.4f}" for k, v in last_val.items() if "psnr" in k or "l1" in k)
                 + f" (PSNR in dB on {val_x.shape[0] if val_x is not None else 0} held-out {crop}px crops, fp16 weights, "
                 "encode = posterior mean)",
@@ -420,14 +332,23 @@ def train_autoencoder(
             atomic_write_json(out / "vae" / "recipe.json", recipe)
             _write_readme(out)
 
-    result = run_loop(
-        start_step=step, steps=steps, elapsed_before=elapsed, step_fn=step_fn, checkpoint_fn=checkpoint_fn,
-        log=log, log_every=log_every, ckpt_every_s=ckpt_every_s, ckpt_every_steps=ckpt_every_steps,
-        max_minutes=max_minutes, progress=progress, progress_interval=progress_interval, desc="autoencoder",
-    )
-    log.write(event="stop", **{k: _fmt(v) for k, v in result.items()})
+    result = tr.train(step_fn, checkpoint_fn, desc="autoencoder", ndigits=5)
     result["val"] = dict(last_val)
     return result
+
+
+def _recipe_data(n_photos: int, data_dir, loop: LoopOptions, crop: int, short_side) -> str:
+    return (
+        f"{n_photos} photos of {Path(data_dir).name}/ (every {loop.holdout_every}th held out), random "
+        f"{crop}x{crop} crops of the photo rescaled to a short side uniform in {list(short_side)}, h-flips"
+    )
+
+
+def _recipe_optimiser(loop: LoopOptions) -> str:
+    return (
+        f"AdamW lr {loop.lr:g} (warm-up {loop.warmup}), batch {loop.batch}, clip {loop.grad_clip:g}, "
+        f"EMA {loop.ema_decay}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,12 +422,6 @@ def train_latent_unet(
     *,
     vae_dir=None,
     crop: int = 128,
-    batch: int = 16,
-    lr: float = 2e-4,
-    warmup: int = 1000,
-    steps: int = 300_000,
-    grad_clip: float = 1.0,
-    ema_decay: float = 0.999,
     lr_noise_frac: float = 0.5,
     lr_noise_max: float = 0.1,
     channels=(64, 128, 128),
@@ -514,144 +429,88 @@ def train_latent_unet(
     attention: bool = False,
     norm_num_groups: int = 32,
     short_side=(192.0, 256.0),
-    holdout_every: int = 28,
     val_size: int = 16,
     max_photos: int | None = None,
-    ckpt_every_s: float = 300.0,
-    ckpt_every_steps: int = 0,
-    log_every: int = 50,
-    max_minutes: float | None = None,
-    resume: bool = False,
-    threads: int = 1,
-    device: str = "cpu",
-    seed: int = 0,
-    progress: bool = True,
-    progress_interval: float = 10.0,
+    loop: LoopOptions | None = None,
+    **loop_options,
 ) -> dict:
     """Stage 2. Reads the frozen autoencoder from ``vae_dir`` (default ``out_dir/vae``); exports the EMA
-    UNet (fp16) to ``out_dir/unet`` at each checkpoint."""
-    set_threads(threads)
-    dev = resolve_device(device)
+    UNet (fp16) to ``out_dir/unet`` at each checkpoint. Loop options: :class:`LoopOptions`."""
+    loop = LoopOptions.resolve(loop, loop_options)
     if crop % 4:
         raise TrainingError(f"crop must be a multiple of 4, got {crop}")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / CHECKPOINT_NAME
-    if not resume and ckpt_path.exists():
-        raise TrainingError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --run")
+    tr = Trainer(run_dir, loop)
+    dev = tr.device
     if vae_dir is None:
         if out_dir is None:
             raise TrainingError("give vae_dir (or out_dir holding vae/)")
         vae_dir = Path(out_dir) / "vae"
-    state = load_checkpoint(ckpt_path) if resume else None
     vae, vae_sha = load_frozen_vae(Path(vae_dir), dev)
-    if state is not None and state.get("vae_sha256") not in (None, vae_sha):
+    if tr.resumed is not None and tr.resumed.get("vae_sha256") not in (None, vae_sha):
         raise TrainingError(f"{vae_dir}: the autoencoder changed since this UNet run started (sha256 differs)")
     latent_channels = int(vae.config.latent_channels)
-    photos, sampler, val_x = _setup(data_dir, crop, short_side, holdout_every, max_photos, val_size)
+    photos, sampler, val_x = load_training_data(data_dir, crop, short_side, loop.holdout_every, max_photos, val_size)
 
-    torch.manual_seed(seed)
     model_cfg = dict(
         block_out_channels=list(channels), layers_per_block=layers_per_block, latent_channels=latent_channels,
         attention=attention, norm_num_groups=norm_num_groups, sample_size=crop // 4,
     )
-    if state is not None:
-        model_cfg = state["model_cfg"]
-    model = build_latent_unet(**model_cfg).to(dev)
-    ema = EMA(model, ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    np_rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    step, elapsed = 0, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        set_rng_state(np_rng, gen, state["rng"])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
-        del state
-    ema.model.to(dev)
+    model = tr.build_model(build_latent_unet, model_cfg)
+    model_cfg = tr.model_cfg
     ac = ldm_alphas_cumprod()
     ac_dev = ac.to(dev)
     T = ac.shape[0]
-    log = JsonlLog(run_dir / LOG_NAME)
-    options = dict(
-        crop=crop, batch=batch, lr=lr, warmup=warmup, grad_clip=grad_clip, ema_decay=ema_decay,
-        lr_noise_frac=lr_noise_frac, lr_noise_max=lr_noise_max, short_side=list(short_side),
-        holdout_every=holdout_every, seed=seed, threads=threads, device=str(dev), vae_sha256=vae_sha,
+    options = tr.options(
+        crop=crop, lr_noise_frac=lr_noise_frac, lr_noise_max=lr_noise_max, short_side=list(short_side)
     )
-    log.write(event="start", stage="unet", step=step, resume=bool(resume), options=options, model_cfg=model_cfg,
-              params=param_count(model), photos=len(photos))
-    hardware = hardware_string(dev, threads)
+    options["vae_sha256"] = vae_sha
+    tr.log_start(options, stage="unet", photos=len(photos))
     last_val: dict = {}
 
     def step_fn(i: int):
         model.train()
-        x = sampler.batch(batch, np_rng).to(dev)
+        x = sampler.batch(loop.batch, tr.np_rng).to(dev)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
-        lr_img = make_lr(x, gen, lr_noise_frac, lr_noise_max)
-        t = torch.randint(0, T, (batch,), generator=gen)
-        noise = torch.randn(z.shape, generator=gen).to(dev)
+        lr_img = make_lr(x, tr.gen, lr_noise_frac, lr_noise_max)
+        t = torch.randint(0, T, (loop.batch,), generator=tr.gen)
+        noise = torch.randn(z.shape, generator=tr.gen).to(dev)
         t = t.to(dev)
         a = ac_dev[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
-        cur_lr = lr_at(i, lr, warmup)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
-        loss = F.mse_loss(model(torch.cat([zt, lr_img], 1), t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        ema.update(model)
-        return float(loss.detach()), cur_lr
+        return tr.optimize(i, F.mse_loss(model(torch.cat([zt, lr_img], 1), t).sample, noise))
 
     def checkpoint_fn(i: int, el: float):
-        save_checkpoint(
-            ckpt_path,
-            {
-                "kind": "latent_unet", "model_cfg": model_cfg, "model": model.state_dict(), "ema": ema.state_dict(),
-                "opt": opt.state_dict(), "rng": rng_state(np_rng, gen), "step": i, "elapsed": el,
-                "options": options, "vae_sha256": vae_sha,
-            },
-        )
+        tr.save(i, el, "latent_unet", options, vae_sha256=vae_sha)
         last_val.clear()
         if val_x is not None:
-            last_val.update(validate_latent_unet(ema.model, vae, val_x, ac, dev))
-        log.write(event="checkpoint", step=i, elapsed=round(el, 1), **{k: _fmt(v) for k, v in last_val.items()})
+            last_val.update(validate_latent_unet(tr.ema.model, vae, val_x, ac, dev))
+        tr.log.write(event="checkpoint", step=i, elapsed=round(el, 1), **{k: _fmt(v) for k, v in last_val.items()})
         if out_dir is not None:
             out = Path(out_dir)
             _write_folder_meta(out)
-            save_diffusers_fp16(ema.model, out / "unet")
+            save_diffusers_fp16(tr.ema.model, out / "unet")
             _sync_vae(Path(vae_dir), out / "vae", vae_sha)
             recipe = {
                 "class": "UNet2DModel, eps prediction, input cat([z_t, lr], 1) (latent first), "
                 + ("mid-block attention" if model_cfg["attention"] else "no attention"),
                 "architecture": f"block_out_channels {tuple(model_cfg['block_out_channels'])}, layers_per_block "
                 f"{model_cfg['layers_per_block']}, norm groups {model_cfg['norm_num_groups']}, scale_shift",
-                "parameters": f"{param_count(ema.model) / 1e6:.2f} M",
+                "parameters": f"{param_count(tr.ema.model) / 1e6:.2f} M",
                 "autoencoder": f"vae/ frozen (sha256 {vae_sha[:16]}...), z = posterior mean",
-                "data": f"{len(photos)} photos of {Path(data_dir).name}/ (every {holdout_every}th held out), random "
-                f"{crop}x{crop} crops of the photo rescaled to a short side uniform in {list(short_side)}, h-flips",
+                "data": _recipe_data(len(photos), data_dir, loop, crop, short_side),
                 "conditioning": f"lr = 4x4 block average of x (sr4), + N(0, s^2) noise, s ~ U[0, {lr_noise_max:g}], "
                 f"for {lr_noise_frac:.0%} of samples",
                 "objective": "MSE on eps, t uniform on [0, 1000), LDM schedule (sqrt-linear 0.0015..0.0155)",
-                "optimiser": f"AdamW lr {lr:g} (warm-up {warmup}), batch {batch}, clip {grad_clip:g}, EMA {ema_decay}",
+                "optimiser": _recipe_optimiser(loop),
                 "steps": i,
-                "wall time": f"{fmt_hours(el)} on {hardware}",
+                "wall time": f"{fmt_hours(el)} on {tr.hardware}",
                 "held-out validation": ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()),
             }
             atomic_write_json(out / "unet" / "recipe.json", recipe)
             _write_readme(out)
 
-    result = run_loop(
-        start_step=step, steps=steps, elapsed_before=elapsed, step_fn=step_fn, checkpoint_fn=checkpoint_fn,
-        log=log, log_every=log_every, ckpt_every_s=ckpt_every_s, ckpt_every_steps=ckpt_every_steps,
-        max_minutes=max_minutes, progress=progress, progress_interval=progress_interval, desc="latent-unet",
-    )
-    log.write(event="stop", **{k: _fmt(v) for k, v in result.items()})
+    result = tr.train(step_fn, checkpoint_fn, desc="latent-unet", ndigits=5)
     result["val"] = dict(last_val)
     return result
 
@@ -670,26 +529,16 @@ def train_latent_sr(stage: str, data_dir, out_dir, run_dir, **kw) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in s.split(",") if v.strip())
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m diffrestore.training.latent_sr", description=__doc__.splitlines()[0])
     p.add_argument("stage", choices=["autoencoder", "unet"])
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", default=None, help="model folder (hub layout) to export vae/ or unet/ into")
-    p.add_argument("--run", required=True, help="folder for the full checkpoint and log.jsonl")
+    add_loop_arguments(
+        p, out_help="model folder (hub layout) to export vae/ or unet/ into", warmup=None,
+        warmup_help="default 500 (autoencoder), 1000 (unet)",
+    )
     p.add_argument("--vae", default=None, help="(unet) autoencoder folder; default OUT/vae")
-    p.add_argument("--resume", action="store_true")
     p.add_argument("--crop", type=int, default=None, help="default 64 (autoencoder), 128 (unet)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--steps", type=int, default=300_000)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--channels", type=_ints, default=None)
+    p.add_argument("--channels", type=int_list, default=None)
     p.add_argument("--layers-per-block", type=int, default=None)
     p.add_argument("--norm-groups", type=int, default=None)
     p.add_argument("--kl-weight", type=float, default=1e-6, help="(autoencoder)")
@@ -698,42 +547,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-noise-frac", type=float, default=0.5, help="(unet)")
     p.add_argument("--lr-noise-max", type=float, default=0.1, help="(unet)")
     p.add_argument("--attention", action="store_true", help="(unet) mid-block attention")
-    p.add_argument("--holdout-every", type=int, default=28)
-    p.add_argument("--ckpt-every-s", type=float, default=300.0)
-    p.add_argument("--ckpt-every-steps", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--progress-interval", type=float, default=10.0)
     return p
 
 
-def main(argv=None) -> int:
-    a = parse_with_resume_defaults(build_parser(), argv, rename={"ema_decay": "ema"})
-    kw = dict(
-        batch=a.batch, lr=a.lr, steps=a.steps, grad_clip=a.grad_clip, ema_decay=a.ema,
-        holdout_every=a.holdout_every, ckpt_every_s=a.ckpt_every_s, ckpt_every_steps=a.ckpt_every_steps,
-        log_every=a.log_every, max_minutes=a.max_minutes, resume=a.resume, threads=a.threads, device=a.device,
-        seed=a.seed, progress=not a.no_progress, progress_interval=a.progress_interval,
-    )
-    for name, val in (("crop", a.crop), ("warmup", a.warmup), ("channels", a.channels),
-                      ("layers_per_block", a.layers_per_block), ("norm_num_groups", a.norm_groups)):
+def _train_from_args(a, kw: dict) -> dict:
+    for name, val in (("crop", a.crop), ("channels", a.channels), ("layers_per_block", a.layers_per_block),
+                      ("norm_num_groups", a.norm_groups)):
         if val is not None:
             kw[name] = val
     if a.stage == "autoencoder":
         kw.update(kl_weight=a.kl_weight, mse_weight=a.mse_weight, logvar_init=a.logvar_init)
     else:
         kw.update(lr_noise_frac=a.lr_noise_frac, lr_noise_max=a.lr_noise_max, attention=a.attention, vae_dir=a.vae)
-    try:
-        r = train_latent_sr(a.stage, a.data, a.out, a.run, **kw)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(r, default=str))
-    return 0
+    return train_latent_sr(a.stage, a.data, a.out, a.run, **kw)
+
+
+def main(argv=None) -> int:
+    return cli_main(build_parser(), argv, _train_from_args)
 
 
 if __name__ == "__main__":

@@ -15,39 +15,28 @@ Launch / resume::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..priors.base import alphas_cumprod_from_betas, linear_betas
 from .common import (
-    CHECKPOINT_NAME,
-    EMA,
-    LOG_NAME,
-    JsonlLog,
-    TrainingError,
+    LoopOptions,
+    Trainer,
+    add_loop_arguments,
     atomic_write_json,
     atomic_write_text,
+    cli_main,
     fmt_hours,
-    hardware_string,
-    load_checkpoint,
-    lr_at,
-    parse_with_resume_defaults,
+    int_list,
     param_count,
     psnr,
-    resolve_device,
-    rng_state,
-    run_loop,
-    save_checkpoint,
     save_diffusers_fp16,
-    set_rng_state,
-    set_threads,
+    unet2d,
 )
-from .data import CropSampler, fixed_batch, list_photos, load_photos, split_photos
+from .data import load_training_data
 
 ADM_SCHEDULE = {
     "beta_schedule": "linear",
@@ -79,21 +68,7 @@ def build_pixel_unet(
     sample_size: int = 64,
 ):
     """A fully-convolutional (optionally: attention in the mid block only) 3 -> 3 channel UNet2DModel."""
-    from diffusers import UNet2DModel
-
-    n = len(block_out_channels)
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=tuple(int(c) for c in block_out_channels),
-        layers_per_block=int(layers_per_block),
-        down_block_types=("DownBlock2D",) * n,
-        up_block_types=("UpBlock2D",) * n,
-        add_attention=bool(attention),
-        norm_num_groups=int(norm_num_groups),
-        resnet_time_scale_shift="scale_shift",
-    )
+    return unet2d(3, 3, block_out_channels, layers_per_block, attention, norm_num_groups, sample_size)
 
 
 def sample_timesteps(n: int, T: int, gen: torch.Generator, low_frac: float, low_max: int) -> torch.Tensor:
@@ -140,13 +115,7 @@ def train_pixel(
     run_dir: str | Path,
     *,
     crop: int = 64,
-    batch: int = 16,
-    lr: float = 2e-4,
-    warmup: int = 1000,
-    steps: int = 300_000,
     weight_decay: float = 0.0,
-    grad_clip: float = 1.0,
-    ema_decay: float = 0.999,
     t_low_frac: float = 0.25,
     t_low_max: int = 300,
     channels: tuple[int, ...] = (16, 32, 64, 128),
@@ -154,45 +123,26 @@ def train_pixel(
     attention: bool = False,
     norm_num_groups: int = 8,
     short_side: tuple[float, float] = (192.0, 256.0),
-    holdout_every: int = 28,
     val_size: int = 16,
     max_photos: int | None = None,
-    ckpt_every_s: float = 300.0,
-    ckpt_every_steps: int = 0,
-    log_every: int = 50,
-    max_minutes: float | None = None,
-    resume: bool = False,
-    threads: int = 1,
-    device: str = "cpu",
-    seed: int = 0,
-    progress: bool = True,
-    progress_interval: float = 10.0,
     validate: bool = True,
+    loop: LoopOptions | None = None,
+    **loop_options,
 ) -> dict:
     """Train (or, with ``resume``, continue training) the pixel prior; returns {"step", "loss", ...}.
 
+    The loop options (steps, batch, lr, warmup, grad_clip, ema_decay, holdout_every, ckpt_every_s, resume,
+    threads, device, seed, ...) are those of :class:`LoopOptions`, as ``loop=`` and/or keywords.
     Full checkpoints go to ``run_dir/checkpoint.pt``; the EMA weights are exported in fp16 to
     ``out_dir`` (a diffusers UNet2DModel folder plus ``diffrestore.json`` and ``README.md``) at each
     checkpoint. ``out_dir=None`` skips the export.
     """
-    set_threads(threads)
-    dev = resolve_device(device)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_dir / CHECKPOINT_NAME
-    if not resume and ckpt_path.exists():
-        raise TrainingError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --run")
-
-    files = list_photos(data_dir)
-    train_files, held_files = split_photos(files, holdout_every)
-    photos = load_photos(train_files, limit=max_photos)
-    sampler = CropSampler(photos, crop, short_side=short_side)
-    val_x = None
-    if validate and held_files:
-        held = load_photos(held_files, limit=max_photos)
-        val_x = fixed_batch(CropSampler(held, crop, short_side=short_side), val_size)
-
-    torch.manual_seed(seed)
+    loop = LoopOptions.resolve(loop, loop_options)
+    tr = Trainer(run_dir, loop)
+    dev = tr.device
+    photos, sampler, val_x = load_training_data(
+        data_dir, crop, short_side, loop.holdout_every, max_photos, val_size if validate else 0
+    )
     model_cfg = dict(
         block_out_channels=list(channels),
         layers_per_block=layers_per_block,
@@ -200,91 +150,43 @@ def train_pixel(
         norm_num_groups=norm_num_groups,
         sample_size=crop,
     )
-    state = load_checkpoint(ckpt_path) if resume else None
-    if state is not None:
-        model_cfg = state["model_cfg"]
-    model = build_pixel_unet(**model_cfg).to(dev)
-    ema = EMA(model, ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    np_rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    step, elapsed = 0, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        set_rng_state(np_rng, gen, state["rng"])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
-        del state
-    ema.model.to(dev)
+    model = tr.build_model(build_pixel_unet, model_cfg, weight_decay=weight_decay)
+    model_cfg = tr.model_cfg
 
     ac = alphas_cumprod_from_betas(
         linear_betas(ADM_SCHEDULE["beta_start"], ADM_SCHEDULE["beta_end"], ADM_SCHEDULE["num_train_timesteps"])
     )
     ac_dev = ac.to(dev)
     T = ac.shape[0]
-    log = JsonlLog(run_dir / LOG_NAME)
-    options = dict(
-        crop=crop, batch=batch, lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
-        ema_decay=ema_decay, t_low_frac=t_low_frac, t_low_max=t_low_max, short_side=list(short_side),
-        holdout_every=holdout_every, seed=seed, threads=threads, device=str(dev),
+    options = tr.options(
+        crop=crop, weight_decay=weight_decay, t_low_frac=t_low_frac, t_low_max=t_low_max, short_side=list(short_side)
     )
-    log.write(event="start", step=step, resume=bool(resume), options=options, model_cfg=model_cfg,
-              params=param_count(model), photos=len(photos))
-    hardware = hardware_string(dev, threads)
+    tr.log_start(options, photos=len(photos))
     last_val: dict = {}
 
     def step_fn(i: int):
         model.train()
-        x0 = sampler.batch(batch, np_rng).to(dev)
-        t = sample_timesteps(batch, T, gen, t_low_frac, t_low_max)
-        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        x0 = sampler.batch(loop.batch, tr.np_rng).to(dev)
+        t = sample_timesteps(loop.batch, T, tr.gen, t_low_frac, t_low_max)
+        noise = torch.randn(x0.shape, generator=tr.gen).to(dev)
         t = t.to(dev)
         a = ac_dev[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        cur_lr = lr_at(i, lr, warmup)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
-        loss = F.mse_loss(model(xt, t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        ema.update(model)
-        return float(loss.detach()), cur_lr
+        return tr.optimize(i, F.mse_loss(model(xt, t).sample, noise))
 
     def checkpoint_fn(i: int, el: float):
-        save_checkpoint(
-            ckpt_path,
-            {
-                "kind": "pixel",
-                "model_cfg": model_cfg,
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "rng": rng_state(np_rng, gen),
-                "step": i,
-                "elapsed": el,
-                "options": options,
-            },
-        )
+        tr.save(i, el, "pixel", options)
         if val_x is not None:
             last_val.clear()
-            last_val.update(validate_pixel(ema.model, val_x, ac, dev))
-            log.write(event="checkpoint", step=i, elapsed=round(el, 1), **{k: round(v, 5) for k, v in last_val.items()})
+            last_val.update(validate_pixel(tr.ema.model, val_x, ac, dev))
+            tr.log.write(event="checkpoint", step=i, elapsed=round(el, 1), **{k: round(v, 5) for k, v in last_val.items()})
         else:
-            log.write(event="checkpoint", step=i, elapsed=round(el, 1))
+            tr.log.write(event="checkpoint", step=i, elapsed=round(el, 1))
         if out_dir is not None:
-            export_pixel(ema.model, out_dir, step=i, elapsed=el, options=options, model_cfg=model_cfg,
-                         hardware=hardware, n_photos=len(photos), val=dict(last_val), data_dir=data_dir)
+            export_pixel(tr.ema.model, out_dir, step=i, elapsed=el, options=options, model_cfg=model_cfg,
+                         hardware=tr.hardware, n_photos=len(photos), val=dict(last_val), data_dir=data_dir)
 
-    result = run_loop(
-        start_step=step, steps=steps, elapsed_before=elapsed, step_fn=step_fn, checkpoint_fn=checkpoint_fn,
-        log=log, log_every=log_every, ckpt_every_s=ckpt_every_s, ckpt_every_steps=ckpt_every_steps,
-        max_minutes=max_minutes, progress=progress, progress_interval=progress_interval, desc="pixel",
-    )
-    log.write(event="stop", **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()})
+    result = tr.train(step_fn, checkpoint_fn, desc="pixel")
     result["val"] = dict(last_val)
     return result
 
@@ -340,60 +242,26 @@ Validation on {options['crop']}px held-out crops (EMA weights; one-step denoisin
     atomic_write_text(out_dir / "README.md", readme)
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in s.split(",") if v.strip())
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m diffrestore.training.pixel", description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True, help="folder of training photos")
-    p.add_argument("--out", default=None, help="model folder to export the EMA fp16 weights to")
-    p.add_argument("--run", required=True, help="folder for the full checkpoint and log.jsonl")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+    add_loop_arguments(p, data_help="folder of training photos", out_help="model folder to export the EMA fp16 weights to")
     p.add_argument("--crop", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=300_000, help="total steps (stop there)")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay")
     p.add_argument("--t-low-frac", type=float, default=0.25)
     p.add_argument("--t-low-max", type=int, default=300)
-    p.add_argument("--channels", type=_ints, default=(16, 32, 64, 128), help="e.g. 16,32,64,128")
+    p.add_argument("--channels", type=int_list, default=(16, 32, 64, 128), help="e.g. 16,32,64,128")
     p.add_argument("--layers-per-block", type=int, default=1)
     p.add_argument("--attention", action="store_true", help="self-attention in the mid block")
     p.add_argument("--norm-groups", type=int, default=8)
-    p.add_argument("--holdout-every", type=int, default=28)
-    p.add_argument("--ckpt-every-s", type=float, default=300.0)
-    p.add_argument("--ckpt-every-steps", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress-bar updates")
     return p
 
 
 def main(argv=None) -> int:
-    a = parse_with_resume_defaults(build_parser(), argv, rename={"ema_decay": "ema"})
-    try:
-        r = train_pixel(
-            a.data, a.out, a.run, crop=a.crop, batch=a.batch, lr=a.lr, warmup=a.warmup, steps=a.steps,
-            weight_decay=a.weight_decay, grad_clip=a.grad_clip, ema_decay=a.ema, t_low_frac=a.t_low_frac,
-            t_low_max=a.t_low_max, channels=a.channels, layers_per_block=a.layers_per_block,
-            attention=a.attention, norm_num_groups=a.norm_groups, holdout_every=a.holdout_every,
-            ckpt_every_s=a.ckpt_every_s, ckpt_every_steps=a.ckpt_every_steps, log_every=a.log_every,
-            max_minutes=a.max_minutes, resume=a.resume, threads=a.threads, device=a.device, seed=a.seed,
-            progress=not a.no_progress, progress_interval=a.progress_interval,
-        )
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in r.items()}, default=str))
-    return 0
+    return cli_main(build_parser(), argv, lambda a, loop: train_pixel(
+        a.data, a.out, a.run, crop=a.crop, weight_decay=a.weight_decay, t_low_frac=a.t_low_frac,
+        t_low_max=a.t_low_max, channels=a.channels, layers_per_block=a.layers_per_block, attention=a.attention,
+        norm_num_groups=a.norm_groups, **loop,
+    ))
 
 
 if __name__ == "__main__":
