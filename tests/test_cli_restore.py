@@ -142,6 +142,27 @@ def test_prior_kind_mismatch_is_one_line_error(tmp_path, photo, adm, ldm, method
     assert len(err) == 1 and "prior" in err[0] and _no_files(out)
 
 
+def test_start_option_reaches_the_latent_sampler(tmp_path, photo, ldm):
+    outs = {}
+    for start in (None, "0.4"):
+        out = tmp_path / f"out{start}"
+        argv = ["restore", str(photo), "--task", "sr4", "--method", "srldm", "--prior", ldm, "--steps", "3",
+                "--out", str(out), "--degrade", "--no-progress"]
+        assert main(argv + (["--start", start] if start else [])) == 0
+        outs[start] = read_image(out / "photo_sr4_srldm.png")
+    assert not torch.equal(outs[None], outs["0.4"])
+
+
+@pytest.mark.parametrize("method,option", [("srldm", ["--eta-b", "1"]), ("ddrm", ["--start", "0.5"])])
+def test_option_the_method_lacks_is_one_line_error(tmp_path, photo, adm, ldm, method, option, capsys):
+    out = tmp_path / "out"
+    spec = ldm if method == "srldm" else adm
+    assert main(["restore", str(photo), "--task", "sr4", "--method", method, "--prior", spec,
+                 "--out", str(out), "--degrade", "--no-progress", *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"method {method} has no option {option[0]}" in err[0] and _no_files(out)
+
+
 # --------------------------------------------------------------------------------------------
 # --adm-config: the ADM hyper-parameters a checkpoint does not store (the golden tiny ADM has 16-channel heads)
 # --------------------------------------------------------------------------------------------

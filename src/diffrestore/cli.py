@@ -7,6 +7,7 @@ one line ``diffrestore: error: ...`` on stderr and exit status 2, with no output
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -90,6 +91,11 @@ def _add_restore(sub) -> None:
     p.add_argument("--mask", default=None, help="inpainting mask image (white = observed)")
     p.add_argument("--eta", type=float, default=None, help="DDRM eta / DDIM eta")
     p.add_argument("--eta-b", type=float, default=None, help="DDRM eta_b")
+    p.add_argument(
+        "--start", type=float, default=None,
+        help="latent methods: run the steps over this fraction of the diffusion, starting from the upsampled "
+        "measurement instead of pure noise (srldm default 1, ddrm-ldm 0.5)",
+    )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
     _add_run_options(p)
     p.set_defaults(func=cmd_restore)
@@ -103,6 +109,11 @@ def cmd_restore(args) -> int:
 
     info = get_method(args.method)
     adm_config = parse_adm_config(args.adm_config)
+    method_kwargs = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start}
+    accepted = inspect.signature(info.restore).parameters
+    for key, value in method_kwargs.items():
+        if value is not None and key not in accepted:
+            raise CLIError(f"method {info.name} has no option --{key.replace('_', '-')}")
     overrides = {k: v for k, v in (("sigma_y", args.sigma_y), ("blur_sigma", args.blur_sigma), ("scale", args.scale)) if v is not None}
     make_task(args.task, (3, 64, 64), **overrides)  # validates the task name and parameters early
 
@@ -130,7 +141,7 @@ def cmd_restore(args) -> int:
             device=args.device,
             out=out,
             written=written,
-            method_kwargs={"eta": args.eta, "eta_b": args.eta_b},
+            method_kwargs=method_kwargs,
             progress=not args.no_progress,
             adm_config=adm_config,
         )

@@ -116,3 +116,29 @@ def test_ddrm_ldm_output_matches_noiseless_measurement(tiny_ldm):
     torch.testing.assert_close(t.operator.H(last), y, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out, last)
     torch.testing.assert_close(t.operator.H(out), y, atol=1e-4, rtol=1e-4)
+
+
+def test_ddrm_ldm_start_is_the_encoded_consistent_upsampling(tiny_ldm):
+    """Default start 0.5: the first latent is the diffused encoding of the bicubic-upsampled conditioning
+    after the noiseless consistency projection (so it already satisfies H x = y)."""
+    import torch.nn.functional as F
+
+    from diffrestore.methods.ddim import ddim_schedule
+    from diffrestore.methods.ddrm_ldm import spectral_consistency
+    from diffrestore.methods.srldm import lr_conditioning
+
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    t = make_task("sr4", (3, 32, 32))
+    y = t.operator.H(x)
+    draws = iter([torch.randn(1, tiny_ldm.latent_channels, 8, 8, generator=torch.Generator().manual_seed(k)) for k in range(9)])
+    first = torch.randn(1, tiny_ldm.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+    get_method("ddrm-ldm").restore(tiny_ldm, t.operator, y, sigma_y=0.0, steps=4,
+                                   randn=lambda shape: next(draws).clone(), callback=seen.append)
+    sched = ddim_schedule(tiny_ldm.alphas_cumprod, 4, 1.0, 0.5)
+    assert seen[0]["t"] == int(sched.timesteps[0]) == 376
+    up = F.interpolate(lr_conditioning(t.operator, y, 4), scale_factor=4, mode="bicubic", align_corners=False).clamp(-1, 1)
+    x_init = spectral_consistency(t.operator, up, y, 0.0, 1.0)
+    torch.testing.assert_close(t.operator.H(x_init), y, atol=1e-5, rtol=1e-5)
+    a = float(sched.alphas[0])
+    torch.testing.assert_close(seen[0]["z_t"], a**0.5 * tiny_ldm.encode(x_init) + (1 - a) ** 0.5 * first, rtol=1e-5, atol=1e-5)

@@ -131,3 +131,23 @@ def test_grey_measurement_is_repeated_to_rgb(prior):
     b = srldm.restore(prior, ShapeOnly((3, 64, 64), (3, 16, 16)), y.expand(-1, 3, -1, -1), sigma_y=0.0, steps=2,
                       generator=g())
     assert torch.equal(a, b)
+
+
+def test_start_below_one_begins_at_the_diffused_upsampled_conditioning(prior):
+    """start < 1: the first state the UNet sees is sqrt(a) E(bicubic_up(lr)) + sqrt(1 - a) n at the first
+    point of the truncated grid, and exactly ``steps`` network calls follow."""
+    import torch.nn.functional as F
+
+    from diffrestore.methods.ddim import ddim_timesteps
+
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    draws = [torch.randn(1, prior.latent_channels, 16, 16, generator=torch.Generator().manual_seed(k)) for k in range(6)]
+    seen = []
+    srldm.restore(prior, ShapeOnly((3, 64, 64), (3, 16, 16)), lr, sigma_y=0.0, steps=5, start=0.4,
+                  randn=replay(draws), callback=seen.append)
+    t = ddim_timesteps(1000, 5, start=0.4).flip(0)
+    assert [s["t"] for s in seen] == t.tolist() and t[0] == 321
+    a = prior.alphas_cumprod[t[0]].item()
+    up = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(-1, 1)
+    want = a**0.5 * prior.encode(up) + (1 - a) ** 0.5 * draws[0]
+    torch.testing.assert_close(seen[0]["z_t"], want, rtol=1e-5, atol=1e-5)

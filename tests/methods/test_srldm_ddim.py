@@ -45,6 +45,14 @@ def test_grid():
         assert torch.equal(ddim_timesteps(1000, s), (torch.arange(0, 1000, 1000 // s) + 1)[:s])
     with pytest.raises(ValueError):
         ddim_timesteps(1000, 0)
+    # start < 1: the same grid over the first start * T timesteps
+    assert torch.equal(ddim_timesteps(1000, 10, start=0.5), torch.arange(10) * 50 + 1)
+    assert torch.equal(ddim_timesteps(1000, 100, start=1.0), ddim_timesteps(1000, 100))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError):
+            ddim_timesteps(1000, 10, start=bad)
+    with pytest.raises(ValueError):  # more steps than the truncated range holds
+        ddim_timesteps(1000, 10, start=0.01)
 
 
 def test_schedule_constants_are_the_official_ones(ref):

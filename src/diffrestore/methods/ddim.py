@@ -33,11 +33,16 @@ from typing import Callable
 import torch
 
 
-def ddim_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
-    """The official 'uniform' DDIM grid, ascending (int64): ``arange(steps) * (T // steps) + 1``."""
-    if not 1 <= steps <= num_train_timesteps - 1:
-        raise ValueError(f"DDIM steps must be between 1 and {num_train_timesteps - 1}, got {steps}")
-    return torch.arange(steps, dtype=torch.int64) * (num_train_timesteps // steps) + 1
+def ddim_timesteps(num_train_timesteps: int, steps: int, start: float = 1.0) -> torch.Tensor:
+    """The official 'uniform' DDIM grid, ascending (int64): ``arange(steps) * (T' // steps) + 1`` with
+    ``T' = round(start * T)`` (``start`` = 1: the official grid; < 1: the same grid over a truncated
+    range, for samplers that start from a noised initial estimate instead of pure noise)."""
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"start must be in (0, 1], got {start}")
+    span = round(start * num_train_timesteps)
+    if not 1 <= steps <= span - 1:
+        raise ValueError(f"DDIM steps must be between 1 and {span - 1}, got {steps}")
+    return torch.arange(steps, dtype=torch.int64) * (span // steps) + 1
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,11 @@ class DDIMSchedule:
         return self.timesteps.shape[0]
 
 
-def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, eta: float = 1.0) -> DDIMSchedule:
-    """Constants of the official ``DDIMSampler.make_schedule`` for ``steps`` uniform steps."""
+def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, eta: float = 1.0, start: float = 1.0) -> DDIMSchedule:
+    """Constants of the official ``DDIMSampler.make_schedule`` for ``steps`` uniform steps (over the first
+    ``start`` fraction of the diffusion, see ``ddim_timesteps``)."""
     ac = alphas_cumprod.detach().float().cpu()
-    t = ddim_timesteps(ac.shape[0], steps)
+    t = ddim_timesteps(ac.shape[0], steps, start)
     a = ac[t]
     a_prev = torch.cat([ac[:1], ac[t[:-1]]]).double()
     # the official numpy/torch mix computes 1/(1 - a) in float32, the rest in float64

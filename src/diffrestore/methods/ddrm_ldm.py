@@ -33,7 +33,7 @@ import torch
 
 from .common import StepInfo, check_latent_image_size, make_randn
 from .ddim import ddim_schedule, ddim_step
-from .srldm import lr_conditioning
+from .srldm import initial_latent, lr_conditioning, upsample_conditioning
 
 
 def spectral_consistency(operator, x0: torch.Tensor, y: torch.Tensor, sigma_y: float, tau: float) -> torch.Tensor:
@@ -63,6 +63,7 @@ def restore(
     steps: int = 50,
     eta: float = 1.0,
     rho: float = 0.1,
+    start: float = 0.5,
     generator: torch.Generator | None = None,
     randn=None,
     callback=None,
@@ -75,8 +76,13 @@ def restore(
     randn = randn or make_randn(generator, device)
 
     lr = lr_conditioning(operator, y, prior.downscale)
-    schedule = ddim_schedule(prior.alphas_cumprod, steps, eta)
-    z = randn((y.shape[0], prior.latent_channels, H // prior.downscale, W // prior.downscale)).to(device)
+    schedule = ddim_schedule(prior.alphas_cumprod, steps, eta, start)
+    noise = randn((y.shape[0], prior.latent_channels, H // prior.downscale, W // prior.downscale)).to(device)
+    x_init = None
+    if start < 1:
+        tau = ((1 - float(schedule.alphas[0])) / float(schedule.alphas[0]) + rho**2) ** 0.5
+        x_init = spectral_consistency(operator, upsample_conditioning(lr, prior.downscale), y, sigma_y, tau)
+    z = initial_latent(prior, schedule, noise, x_init)
     x0c = None
     for i in range(len(schedule)):
         t = int(schedule.timesteps[i])

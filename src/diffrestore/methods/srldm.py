@@ -78,6 +78,21 @@ def lr_conditioning(operator, y: torch.Tensor, factor: int = 4, lr_filter: str =
     return lr.clamp(-1.0, 1.0)
 
 
+def upsample_conditioning(lr: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bicubic upsampling of the conditioning back to image size: the initial estimate of ``start`` < 1."""
+    return F.interpolate(lr, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
+
+
+def initial_latent(prior, schedule, noise: torch.Tensor, x_init: torch.Tensor | None) -> torch.Tensor:
+    """The sampler's first state: pure noise, or (``x_init`` given) the encoded estimate diffused to the
+    first grid point, ``sqrt(a) E(x_init) + sqrt(1 - a) n`` (SDEdit / CCDF: a coarse estimate replaces the
+    noisiest steps, where a small model's eps is least reliable)."""
+    if x_init is None:
+        return noise
+    a = float(schedule.alphas[0])
+    return a**0.5 * prior.encode(x_init) + (1 - a) ** 0.5 * noise
+
+
 def restore(
     prior,
     operator,
@@ -90,8 +105,13 @@ def restore(
     randn: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
     callback: Callable[[dict], None] | None = None,
     lr_filter: str = "bicubic",
+    start: float = 1.0,
 ) -> torch.Tensor:
     """SRLDM restoration of ``y``; returns x_hat (B, C, H, W) in [-1, 1].
+
+    ``start`` = 1 is the report's sampler (from pure noise at t = T). ``start`` < 1 runs the ``steps``
+    over the first ``start`` of the diffusion only, starting from the bicubic upsampled conditioning
+    encoded and diffused to that level (``initial_latent``).
 
     ``randn(shape)``, when given, supplies every standard-normal draw in order (x_T, then one per step);
     otherwise they come from ``generator``. ``callback(info)`` gets a ``StepInfo`` per step: ``i``,
@@ -109,7 +129,9 @@ def restore(
         hl, wl = lr.shape[-2:]
         lr = pad_bottom_right(lr, _ceil_to(hl, m), _ceil_to(wl, m))
         shape = (lr.shape[0], prior.latent_channels, *lr.shape[-2:])
-        x_T = randn(shape).to(device=device, dtype=torch.float32)
+        schedule = ddim_schedule(prior.alphas_cumprod, steps, eta, start)
+        x_init = upsample_conditioning(lr, f) if start < 1 else None
+        x_T = initial_latent(prior, schedule, randn(shape).to(device=device, dtype=torch.float32), x_init)
 
         def decode(z):
             return prior.decode(z)[..., :H, :W]
@@ -127,7 +149,7 @@ def restore(
         z0 = ddim_sample(
             lambda z, t: prior.eps(z, t, lr),
             x_T,
-            ddim_schedule(prior.alphas_cumprod, steps, eta),
+            schedule,
             randn=randn,
             callback=step_cb,
         )
