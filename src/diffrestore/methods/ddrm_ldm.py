@@ -59,6 +59,11 @@ def spectral_consistency(operator, x0: torch.Tensor, y: torch.Tensor, sigma_y: f
     return operator.V(v).reshape(x0.shape)
 
 
+def estimate_error_std(a_t: float, rho: float) -> float:
+    """``tau_t`` of step 3: the prior estimate's assumed error std at noise level ``a_t``."""
+    return ((1 - a_t) / a_t + rho**2) ** 0.5
+
+
 @torch.no_grad()
 def restore(
     prior,
@@ -86,7 +91,7 @@ def restore(
     noise = randn((y.shape[0], prior.latent_channels, H // prior.downscale, W // prior.downscale)).to(device)
     x_init = None
     if start < 1:
-        tau = ((1 - float(schedule.alphas[0])) / float(schedule.alphas[0]) + rho**2) ** 0.5
+        tau = estimate_error_std(float(schedule.alphas[0]), rho)
         x_init = spectral_consistency(operator, upsample_conditioning(lr, prior.downscale), y, sigma_y, tau)
     z = initial_latent(prior, schedule, noise, x_init)
     x0c = None
@@ -96,8 +101,7 @@ def restore(
         e = prior.eps(z, torch.full((z.shape[0],), t, device=device, dtype=torch.int64), lr)
         z0 = (z - (1 - a_t) ** 0.5 * e) / a_t**0.5
         x0 = prior.decode(z0)
-        tau = ((1 - a_t) / a_t + rho**2) ** 0.5
-        x0c = spectral_consistency(operator, x0, y, sigma_y, tau)
+        x0c = spectral_consistency(operator, x0, y, sigma_y, estimate_error_std(a_t, rho))
         if callback is not None:
             callback(StepInfo(i=i, steps=len(schedule), t=t, z_t=z, x_t=lambda z=z: prior.decode(z), x0=x0c))
         if i == len(schedule) - 1:
