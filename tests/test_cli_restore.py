@@ -142,18 +142,29 @@ def test_prior_kind_mismatch_is_one_line_error(tmp_path, photo, adm, ldm, method
     assert len(err) == 1 and "prior" in err[0] and _no_files(out)
 
 
-def test_start_option_reaches_the_latent_sampler(tmp_path, photo, ldm):
+@pytest.mark.parametrize("method,option,value", [("srldm", "--start", "0.4"), ("ddrm-ldm", "--stop", "0.3")])
+def test_latent_sampler_option_reaches_the_method(tmp_path, photo, ldm, method, option, value):
     outs = {}
-    for start in (None, "0.4"):
-        out = tmp_path / f"out{start}"
-        argv = ["restore", str(photo), "--task", "sr4", "--method", "srldm", "--prior", ldm, "--steps", "3",
+    for given in (None, value):
+        out = tmp_path / f"out{given}"
+        argv = ["restore", str(photo), "--task", "sr4", "--method", method, "--prior", ldm, "--steps", "3",
                 "--out", str(out), "--degrade", "--no-progress"]
-        assert main(argv + (["--start", start] if start else [])) == 0
-        outs[start] = read_image(out / "photo_sr4_srldm.png")
-    assert not torch.equal(outs[None], outs["0.4"])
+        assert main(argv + ([option, given] if given else [])) == 0
+        outs[given] = read_image(out / f"photo_sr4_{method}.png")
+    assert not torch.equal(outs[None], outs[value])
 
 
-@pytest.mark.parametrize("method,option", [("srldm", ["--eta-b", "1"]), ("ddrm", ["--start", "0.5"])])
+def test_stop_out_of_range_is_one_line_error(tmp_path, photo, ldm, capsys):
+    out = tmp_path / "bad"
+    assert main(["restore", str(photo), "--task", "sr4", "--method", "ddrm-ldm", "--prior", ldm, "--steps", "3",
+                 "--out", str(out), "--degrade", "--no-progress", "--stop", "0.6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stop must be in [0, start=0.5)" in err[0] and _no_files(out)
+
+
+@pytest.mark.parametrize(
+    "method,option", [("srldm", ["--eta-b", "1"]), ("ddrm", ["--start", "0.5"]), ("srldm", ["--stop", "0.2"])]
+)
 def test_option_the_method_lacks_is_one_line_error(tmp_path, photo, adm, ldm, method, option, capsys):
     out = tmp_path / "out"
     spec = ldm if method == "srldm" else adm
@@ -232,3 +243,13 @@ def test_demo_with_adm_config(tmp_path, adm, capsys):
     assert rc == 0, capsys.readouterr().err
     settings = json.loads((out / "summary.json").read_text())["settings"]
     assert settings["adm_config"] == {"num_head_channels": 16} and settings["priors"] == {"pixel": adm}
+
+
+def test_methods_lists_every_method_with_its_options(capsys):
+    from diffrestore.methods import METHODS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert f"\n{name} " in "\n" + out
+    assert "eta=0.85, eta_b=1.0" in out and "start=0.5, stop=0.0" in out and "strategy=a" in out

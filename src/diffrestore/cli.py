@@ -7,7 +7,6 @@ one line ``diffrestore: error: ...`` on stderr and exit status 2, with no output
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -96,24 +95,28 @@ def _add_restore(sub) -> None:
         help="latent methods: run the steps over this fraction of the diffusion, starting from the upsampled "
         "measurement instead of pure noise (srldm default 1, ddrm-ldm 0.5)",
     )
+    p.add_argument(
+        "--stop", type=float, default=None,
+        help="ddrm-ldm: end the steps at this fraction of the diffusion and return the consistent clean estimate "
+        "there (default 0: a full sample; larger trades detail for PSNR)",
+    )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
     _add_run_options(p)
     p.set_defaults(func=cmd_restore)
 
 
 def cmd_restore(args) -> int:
-    from diffrestore.methods import get_method
+    from diffrestore.methods import get_method, method_options
     from diffrestore.operators.tasks import make_task
     from diffrestore.pipeline import image_seed, restore_file_inputs
     from diffrestore.priors.loading import load_prior
 
     info = get_method(args.method)
     adm_config = parse_adm_config(args.adm_config)
-    method_kwargs = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start}
-    accepted = inspect.signature(info.restore).parameters
-    for key, value in method_kwargs.items():
-        if value is not None and key not in accepted:
-            raise CLIError(f"method {info.name} has no option --{key.replace('_', '-')}")
+    method_kwargs = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start, "stop": args.stop}
+    unknown = [k for k, v in method_kwargs.items() if v is not None and k not in method_options(info.name)]
+    if unknown:
+        raise CLIError(f"method {info.name} has no option --{unknown[0].replace('_', '-')}")
     overrides = {k: v for k, v in (("sigma_y", args.sigma_y), ("blur_sigma", args.blur_sigma), ("scale", args.scale)) if v is not None}
     make_task(args.task, (3, 64, 64), **overrides)  # validates the task name and parameters early
 
@@ -159,6 +162,16 @@ def cmd_tasks(args) -> int:
 
     for name, summary in list_tasks():
         print(f"{name:16s} {summary}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from diffrestore.methods import METHODS, method_options
+
+    for info in METHODS.values():
+        options = ", ".join(f"{k}={v}" for k, v in method_options(info.name).items())
+        print(f"{info.name:12s} {info.prior:6s} {info.default_steps:4d} steps  {info.summary}")
+        print(f"{'':12s} options: {options or 'none'}")
     return 0
 
 
@@ -212,6 +225,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: sr4,deblur,denoise,noisy-sr4)")
     p.add_argument("--methods", default=None, help="comma-separated methods (default: srldm,ddrm,ddrm-srldm)")
     p.add_argument("--steps", default=None, help="table steps: N for every method, or per method ddrm:20,srldm:100")
+    p.add_argument(
+        "--options", default=None, metavar="OPTS",
+        help="method options, e.g. 'ddrm:eta=1.0;ddrm-ldm:stop=0.4,eta=0' (see `diffrestore methods`); recorded in the run",
+    )
     p.add_argument("--fig7-steps", default=None, metavar="SWEEP", help="Figure 7 step sweeps, e.g. 'srldm:5,10,20;ddrm:10,20'")
     p.add_argument("--fig7-task", default=None, help="task of Figures 6 and 7 (default: sr4 if evaluated, else the first task)")
     p.add_argument("--pixel-prior", default=None, metavar="SPEC", help="pixel prior for ddrm (path or builtin:NAME)")
@@ -238,6 +255,7 @@ def cmd_evaluate(args) -> int:
         tasks=runner.parse_list(args.tasks, "--tasks"),
         methods=runner.parse_list(args.methods, "--methods"),
         steps=runner.parse_steps(args.steps),
+        options=runner.parse_options(args.options),
         fig7_steps=runner.parse_sweep(args.fig7_steps),
         fig7_task=args.fig7_task,
         pixel_prior=args.pixel_prior,
@@ -355,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_restore(sub)
     p = sub.add_parser("tasks", help="list the degradation tasks")
     p.set_defaults(func=cmd_tasks)
+    p = sub.add_parser("methods", help="list the methods, the prior each needs, default steps and options")
+    p.set_defaults(func=cmd_methods)
     p = sub.add_parser("priors", help="list the built-in priors and the formats --prior accepts")
     p.set_defaults(func=cmd_priors)
     _add_evaluate(sub)

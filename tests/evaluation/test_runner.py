@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,29 @@ def test_parse_steps_and_sweeps():
             runner.parse_steps(bad)
     with pytest.raises(runner.EvalError):
         runner.parse_sweep("ddrm")
+
+
+def test_parse_options_types_values_by_the_methods_defaults():
+    assert runner.parse_options("ddrm:eta=1, eta_b=0.5; ddrm-ldm:stop=0.4;ddrm-srldm:strategy=b") == {
+        "ddrm": {"eta": 1.0, "eta_b": 0.5},
+        "ddrm-ldm": {"stop": 0.4},
+        "ddrm-srldm": {"strategy": "b"},
+    }
+    assert isinstance(runner.parse_options("ddrm:eta=1")["ddrm"]["eta"], float)
+    assert runner.parse_options("ddrm:official_zero_singular_bug=true") == {"ddrm": {"official_zero_singular_bug": True}}
+    assert runner.parse_options(None) == {} and runner.parse_options(" ; ") == {}
+    for bad, says in [
+        ("ddrm", "is not METHOD:NAME=VALUE"),
+        ("ddrm:eta", "is not METHOD:NAME=VALUE"),
+        ("ddrm:=1", "is not METHOD:NAME=VALUE"),
+        ("nope:eta=1", "unknown method 'nope'"),
+        ("ddrm:stop=0.4", "method ddrm has no option 'stop' (its options: eta, eta_b, official_zero_singular_bug)"),
+        ("ddrm:steps=5", "has no option 'steps'"),  # set by --steps, not an option
+        ("ddrm:eta=high", "method ddrm option eta: 'high' is not a float"),
+        ("ddrm:official_zero_singular_bug=maybe", "is not a bool"),
+    ]:
+        with pytest.raises((runner.EvalError, ValueError), match=re.escape(says)):
+            runner.parse_options(bad)
 
 
 def test_records_reader_skips_a_cut_line_and_duplicates(tmp_path):
@@ -270,6 +294,34 @@ def test_changed_settings_are_refused(reference, data, tmp_path, monkeypatch, ch
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_method_options_reach_the_method_are_recorded_and_pinned(reference, data, tmp_path, monkeypatch):
+    """--options fake-pix:noise=0 makes fake-pix return its noiseless upsampling (an independent
+    recomputation), is stored in config.json and tables.md, and a rerun with other options is refused."""
+    run = tmp_path / "run"
+    argv = fx.evaluate_argv(data, run, "--options", "fake-pix:noise=0")
+    rc, out, err = fx.run_cli(monkeypatch, argv)
+    assert rc == 0, err
+    assert json.loads((run / "config.json").read_text())["grid"]["options"] == {"fake-pix": {"noise": 0.0}}
+    assert "- options of fake-pix: noise=0.0" in (run / "tables.md").read_text()
+    files = (run / "files.txt").read_text().splitlines()
+    task = make_task("sr4", (3, fx.SIZE, fx.SIZE))
+    for f in files:
+        x = load_eval_image(data / f, fx.SIZE).unsqueeze(0)
+        y = task.operator.measure(x, task.sigma_y, make_generator(image_seed(fx.SEED, f + "#measurement")))
+        upsampled = np.repeat(np.repeat(y.numpy(), 4, axis=-2), 4, axis=-1).clip(-1, 1)  # nearest, noise 0
+        mse = float(((upsampled.astype(np.float64) - x.double().numpy()) ** 2).mean())
+        rec = next(r for r in runner.read_records(run) if (r["task"], r["method"], r["image_id"]) == ("sr4", "fake-pix", f))
+        assert rec["psnr"] == pytest.approx(10 * math.log10(4.0 / mse), abs=1e-6)
+    # the latent method had no options: its records are the reference's, bit for bit
+    same = [r for r in fx.records(run) if r["method"] == "fake-lat"]
+    assert len(same) == fx.N_IMAGES * 3 and same == [r for r in fx.records(reference) if r["method"] == "fake-lat"]
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    argv[argv.index("--options") + 1] = "fake-pix:noise=0.5"
+    rc, out, err = fx.run_cli(monkeypatch, argv)
+    assert rc == 2 and "options of fake-pix {'noise': 0.0} -> {'noise': 0.5}" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def test_first_instead_of_random_subset_is_refused(reference, data, tmp_path, monkeypatch):
     run = _copy(reference, tmp_path)
     argv = fx.evaluate_argv(data, run)
@@ -292,7 +344,8 @@ def test_other_data_folder_is_refused(reference, data, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing data", "unknown task", "unknown method", "no prior", "bad prior", "out under a file", "foreign folder", "steps of other method"],
+    ["missing data", "unknown task", "unknown method", "no prior", "bad prior", "out under a file", "foreign folder", "steps of other method",
+     "unknown option", "options of other method"],
 )
 def test_bad_input_is_one_line_and_leaves_no_files(data, tmp_path, monkeypatch, case):
     out = tmp_path / "run"
@@ -321,6 +374,10 @@ def test_bad_input_is_one_line_and_leaves_no_files(data, tmp_path, monkeypatch, 
         (out / "notes.txt").write_text("mine")
     elif case == "steps of other method":
         set_opt("--steps", "ddrm:5")
+    elif case == "unknown option":
+        argv += ["--options", "fake-pix:bogus=1"]
+    elif case == "options of other method":
+        argv += ["--options", "ddrm:eta=1"]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     rc, stdout, err = fx.run_cli(monkeypatch, argv)
     assert rc == 2, err

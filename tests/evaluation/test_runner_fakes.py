@@ -40,8 +40,9 @@ FEATURE_DIM = 4
 _PROJ = np.random.default_rng(1234).standard_normal((3 * 4 * 4, FEATURE_DIM)).astype(np.float32)
 
 
-def fake_restore(prior, operator, y, *, sigma_y, steps, generator=None, callback=None, **_):
-    """Upsample y to the image size (nearest) and add a little generator noise, in ``steps`` steps."""
+def fake_restore(prior, operator, y, *, sigma_y, steps, generator=None, callback=None, noise: float = 1.0, **_):
+    """Upsample y to the image size (nearest) and add a little generator noise (times the option
+    ``noise``), in ``steps`` steps."""
     c, h, w = operator.in_shape
     base = F.interpolate(operator.to_image(y).float(), size=(h, w), mode="nearest")
     if base.shape[1] != c:
@@ -59,7 +60,7 @@ def fake_restore(prior, operator, y, *, sigma_y, steps, generator=None, callback
     if delay:
         time.sleep(delay)
     scale = 0.05 if prior.kind == "pixel" else 0.08
-    return base + scale * torch.randn(base.shape, generator=generator)
+    return base + noise * scale * torch.randn(base.shape, generator=generator)
 
 
 class FakeInfo(methods.MethodInfo):

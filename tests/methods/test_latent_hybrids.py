@@ -142,3 +142,22 @@ def test_ddrm_ldm_start_is_the_encoded_consistent_upsampling(tiny_ldm):
     torch.testing.assert_close(t.operator.H(x_init), y, atol=1e-5, rtol=1e-5)
     a = float(sched.alphas[0])
     torch.testing.assert_close(seen[0]["z_t"], a**0.5 * tiny_ldm.encode(x_init) + (1 - a) ** 0.5 * first, rtol=1e-5, atol=1e-5)
+
+
+def test_ddrm_ldm_stop_returns_the_consistent_estimate_at_the_stop_level(tiny_ldm):
+    """stop=0.3: the steps span (300, 500], the output is the last step's consistent clean estimate
+    (it satisfies H x = y for a noiseless task) and it differs from a full sample."""
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    t = make_task("sr4", (3, 32, 32))
+    y = t.operator.H(x)
+    seen = []
+    restore = get_method("ddrm-ldm").restore
+    out = restore(tiny_ldm, t.operator, y, sigma_y=0.0, steps=4, stop=0.3, generator=torch.Generator().manual_seed(1),
+                  callback=seen.append)  # fmt: skip
+    assert [s["t"] for s in seen] == [451, 401, 351, 301]
+    torch.testing.assert_close(out, seen[-1]["x0"])
+    torch.testing.assert_close(t.operator.H(out), y, atol=1e-5, rtol=1e-5)
+    full = restore(tiny_ldm, t.operator, y, sigma_y=0.0, steps=4, generator=torch.Generator().manual_seed(1))
+    assert (out - full).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="stop must be in"):
+        restore(tiny_ldm, t.operator, y, sigma_y=0.0, steps=4, stop=0.5)

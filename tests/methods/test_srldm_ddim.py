@@ -53,6 +53,23 @@ def test_grid():
             ddim_timesteps(1000, 10, start=bad)
     with pytest.raises(ValueError):  # more steps than the truncated range holds
         ddim_timesteps(1000, 10, start=0.01)
+    # stop > 0: the grid over (stop * T, start * T]
+    assert torch.equal(ddim_timesteps(1000, 10, start=0.5, stop=0.4), 400 + torch.arange(10) * 10 + 1)
+    assert torch.equal(ddim_timesteps(1000, 10, start=0.5, stop=0.0), ddim_timesteps(1000, 10, start=0.5))
+    for bad in (-0.1, 0.5, 0.7):
+        with pytest.raises(ValueError, match="stop must be in"):
+            ddim_timesteps(1000, 10, start=0.5, stop=bad)
+    with pytest.raises(ValueError, match="between 1 and 9"):
+        ddim_timesteps(1000, 10, start=0.5, stop=0.49)
+
+
+def test_schedule_with_stop_ends_at_the_stop_level():
+    ac = torch.linspace(0.999, 0.01, 1000)
+    full, part = ddim_schedule(ac, 10, 1.0), ddim_schedule(ac, 10, 1.0, start=0.5, stop=0.4)
+    assert float(full.alphas_prev[-1]) == float(ac[0])  # the official last step
+    assert torch.equal(part.timesteps, torch.arange(9, -1, -1) * 10 + 401)
+    assert float(part.alphas_prev[-1]) == float(ac[400])  # the step into the stop level
+    torch.testing.assert_close(part.alphas_prev[:-1].float(), ac[part.timesteps[1:]])
 
 
 def test_schedule_constants_are_the_official_ones(ref):

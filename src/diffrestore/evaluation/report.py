@@ -248,6 +248,10 @@ def tables_markdown(results: dict) -> str:
         f"- data: `{s['data']}`, {results['n_images']} images (seed {s['seed']}), {s['size']}x{s['size']}",
         f"- priors: pixel `{s.get('pixel_prior')}`, latent `{s.get('latent_prior')}`; dtype {s['dtype']}",
         "- PSNR / SSIM: mean over images; FID / KID: restored set vs the clean set (Inception pool features)",
+    ]
+    for method, options in grid.get("options", {}).items():
+        lines.append(f"- options of {method}: " + ", ".join(f"{k}={v}" for k, v in options.items()))
+    lines += [
         "- Throughput: the method alone on one batch after a warm-up call (no data loading, no metrics)",
     ]
     has_lpips = any(r["lpips"] is not None for rows in results["tables"].values() for r in rows)

@@ -84,7 +84,7 @@ import torch
 from diffrestore import io
 from diffrestore.evaluation.data import choose_subset, find_images, load_eval_image
 from diffrestore.evaluation.distributed import Dist, from_env, launched_by_torchrun, spawn
-from diffrestore.methods import get_method
+from diffrestore.methods import check_options, get_method
 from diffrestore.pipeline import image_seed, lcm, measure_image, prior_multiple, run_method
 
 FORMAT = 1
@@ -232,6 +232,7 @@ class EvalSpec:
     tasks: list[str] | None = None
     methods: list[str] | None = None
     steps: dict[str, int] = field(default_factory=dict)  # per method; "*" for every method
+    options: dict[str, dict] = field(default_factory=dict)  # per method, e.g. {"ddrm": {"eta": 1.0}}
     fig7_steps: dict[str, list[int]] = field(default_factory=dict)
     fig7_task: str | None = None
     pixel_prior: str | None = None
@@ -289,6 +290,26 @@ def parse_sweep(text: str | None) -> dict[str, list[int]]:
         if not steps:
             raise EvalError(f"--fig7-steps: no step counts for {method.strip()}")
         out[method.strip()] = sorted(set(out.get(method.strip(), [])) | steps)
+    return out
+
+
+def parse_options(text: str | None) -> dict[str, dict]:
+    """``"ddrm:eta=1.0;ddrm-ldm:stop=0.4,eta=0"`` -> {method: {option: value}} (validated and typed
+    against the method's options)."""
+    out: dict[str, dict] = {}
+    for part in (p.strip() for p in (text or "").split(";")):
+        if not part:
+            continue
+        method, sep, items = part.partition(":")
+        method = method.strip()
+        pairs = [item.partition("=") for item in items.split(",") if item.strip()]
+        if not sep or not method or not pairs or any(not eq or not k.strip() for k, eq, _ in pairs):
+            raise EvalError(f"--options: {part!r} is not METHOD:NAME=VALUE,...")
+        get_method(method)
+        try:
+            out.setdefault(method, {}).update(check_options(method, {k.strip(): v.strip() for k, _, v in pairs}))
+        except ValueError as e:
+            raise EvalError(f"--options: {e}") from None
     return out
 
 
@@ -448,6 +469,13 @@ def prepare(spec: EvalSpec) -> Plan:
         if given is not None and before is not None and given != before:
             diffs.append(f"steps of {m} {before} -> {given}")
         steps[m] = int(given or before or get_method(m).default_steps)
+    options = {m: dict(v) for m, v in o_grid.get("options", {}).items()}
+    for m, given in spec.options.items():
+        if m not in methods:
+            raise EvalError(f"--options names {m!r}, which is not among the methods ({', '.join(methods)})")
+        if old and given != options.get(m, {}):
+            diffs.append(f"options of {m} {options.get(m, {})} -> {given}")
+        options[m] = given
     sweep = {m: list(v) for m, v in o_grid.get("fig7_steps", {}).items()}
     for m, values in spec.fig7_steps.items():
         get_method(m)
@@ -470,7 +498,8 @@ def prepare(spec: EvalSpec) -> Plan:
     config = {
         "format": FORMAT,
         "settings": settings,
-        "grid": {"tasks": tasks, "methods": methods, "steps": steps, "fig7_steps": sweep, "figure_task": figure_task},
+        "grid": {"tasks": tasks, "methods": methods, "steps": steps, "fig7_steps": sweep, "figure_task": figure_task}
+        | ({"options": options} if options else {}),  # recorded only when given: older runs stay valid
         "last_invocation": {
             "device": str(device),
             "batch_size": spec.batch_size,
@@ -773,7 +802,10 @@ def run_records(plan: Plan, dist: Dist, res: _Resources) -> int:
                     seconds = time.perf_counter() - start
                 else:
                     priors = res.priors_for(method, task_name)
-                    x_hat, seconds = run_method(method, priors, task, y, steps=steps, seed=image_seed(seed, image_id), callback=callback)
+                    x_hat, seconds = run_method(
+                        method, priors, task, y, steps=steps, seed=image_seed(seed, image_id), callback=callback,
+                        **grid.get("options", {}).get(method, {}),
+                    )
                 x_hat = x_hat.detach().float().clamp(-1, 1).to(xd.device)
                 record = {"task": task_name, "method": method, "steps": steps, "image_id": image_id, "index": i}
                 record.update(image_metrics(x_hat, xd))
@@ -829,8 +861,9 @@ def measure_throughput(plan: Plan, res: _Resources) -> int:
             ys[task_name] = torch.cat([res.measure(task_name, x, f) for x, f in zip(clean, batch)])
         seed = image_seed(settings["seed"], "#throughput")
         task = res.task(task_name)
-        run_method(method, priors, task, ys[task_name], steps=min(steps, 2), seed=seed)  # warm-up
-        _, seconds = run_method(method, priors, task, ys[task_name], steps=steps, seed=seed)
+        options = grid.get("options", {}).get(method, {})
+        run_method(method, priors, task, ys[task_name], steps=min(steps, 2), seed=seed, **options)  # warm-up
+        _, seconds = run_method(method, priors, task, ys[task_name], steps=steps, seed=seed, **options)
         append_line(
             run / "throughput.jsonl",
             {

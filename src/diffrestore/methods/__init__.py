@@ -7,6 +7,7 @@ is reachable everywhere. ``prior`` says which kind of prior the method needs.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,3 +41,43 @@ def get_method(name: str) -> MethodInfo:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+
+
+# set by the pipeline for every method, so never a user option
+_PIPELINE_ARGS = {"sigma_y", "steps"}
+
+
+def method_options(name: str) -> dict[str, object]:
+    """The tunable options of a method (keyword arguments of its ``restore`` with a number, flag or
+    string default) and their defaults: what ``restore --eta`` or ``evaluate --options`` may set."""
+    params = inspect.signature(get_method(name).restore).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind is p.KEYWORD_ONLY and p.name not in _PIPELINE_ARGS and isinstance(p.default, (int, float, str))
+    }
+
+
+def check_options(name: str, options: dict) -> dict:
+    """``options`` without the unset (None) ones, text values converted to the type of the option's
+    default; a ValueError names an option the method lacks or a value of the wrong type."""
+    known = method_options(name)
+    given = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key not in known:
+            raise ValueError(f"method {name} has no option {key!r} (its options: {', '.join(known) or 'none'})")
+        given[key] = _convert(name, key, value, type(known[key]))
+    return given
+
+
+def _convert(name: str, key: str, value, kind: type):
+    if not isinstance(value, str) or kind is str:
+        return value
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "false": False, "0": False}[value.strip().lower()]
+        return kind(value)
+    except (KeyError, ValueError):
+        raise ValueError(f"method {name} option {key}: {value!r} is not a {kind.__name__}") from None

@@ -33,16 +33,21 @@ from typing import Callable
 import torch
 
 
-def ddim_timesteps(num_train_timesteps: int, steps: int, start: float = 1.0) -> torch.Tensor:
+def ddim_timesteps(num_train_timesteps: int, steps: int, start: float = 1.0, stop: float = 0.0) -> torch.Tensor:
     """The official 'uniform' DDIM grid, ascending (int64): ``arange(steps) * (T' // steps) + 1`` with
     ``T' = round(start * T)`` (``start`` = 1: the official grid; < 1: the same grid over a truncated
-    range, for samplers that start from a noised initial estimate instead of pure noise)."""
+    range, for samplers that start from a noised initial estimate instead of pure noise).
+    ``stop`` > 0 shifts the grid to ``(round(stop * T), round(start * T)]``, for samplers that return
+    their clean estimate at an intermediate noise level."""
     if not 0.0 < start <= 1.0:
         raise ValueError(f"start must be in (0, 1], got {start}")
-    span = round(start * num_train_timesteps)
+    if not 0.0 <= stop < start:
+        raise ValueError(f"stop must be in [0, start={start}), got {stop}")
+    offset = round(stop * num_train_timesteps)
+    span = round(start * num_train_timesteps) - offset
     if not 1 <= steps <= span - 1:
         raise ValueError(f"DDIM steps must be between 1 and {span - 1}, got {steps}")
-    return torch.arange(steps, dtype=torch.int64) * (span // steps) + 1
+    return offset + torch.arange(steps, dtype=torch.int64) * (span // steps) + 1
 
 
 @dataclass(frozen=True)
@@ -59,13 +64,16 @@ class DDIMSchedule:
         return self.timesteps.shape[0]
 
 
-def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, eta: float = 1.0, start: float = 1.0) -> DDIMSchedule:
-    """Constants of the official ``DDIMSampler.make_schedule`` for ``steps`` uniform steps (over the first
-    ``start`` fraction of the diffusion, see ``ddim_timesteps``)."""
+def ddim_schedule(
+    alphas_cumprod: torch.Tensor, steps: int, eta: float = 1.0, start: float = 1.0, stop: float = 0.0
+) -> DDIMSchedule:
+    """Constants of the official ``DDIMSampler.make_schedule`` for ``steps`` uniform steps (over the
+    ``[stop, start]`` fraction of the diffusion, see ``ddim_timesteps``); the last step's ``a_prev`` is
+    ``alphas_cumprod[round(stop * T)]`` (``alphas_cumprod[0]`` for the official full grid)."""
     ac = alphas_cumprod.detach().float().cpu()
-    t = ddim_timesteps(ac.shape[0], steps, start)
+    t = ddim_timesteps(ac.shape[0], steps, start, stop)
     a = ac[t]
-    a_prev = torch.cat([ac[:1], ac[t[:-1]]]).double()
+    a_prev = torch.cat([ac[t[:1] - 1], ac[t[:-1]]]).double()
     # the official numpy/torch mix computes 1/(1 - a) in float32, the rest in float64
     var = (1 - a).reciprocal().double() * (1 - a_prev) * (1 - a.double() / a_prev)
     # math.sqrt is correctly rounded; torch's vectorised float64 sqrt can be off by an ulp

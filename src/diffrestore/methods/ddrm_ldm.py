@@ -30,6 +30,15 @@ consistent with y, so for noiseless tasks it can only lower the error of the dec
 ``x_init`` the bicubic-upsampled conditioning after step 3 (``srldm.initial_latent``): the noisiest steps,
 where a small latent model's eps is least reliable (its x0 at t = T is ~11 dB on a photo where its
 conditioning alone gives ~30), are replaced by what the measurement already says.
+``stop`` > 0 ends the steps at ``t = stop * T`` (the grid spans ``(stop T, start T]``, same number of
+steps) and returns that step's ``x0c``: an estimate of the posterior *mean* instead of a sample. Along
+a full trajectory the consistent estimates gain PSNR until mid-way and lose it in the low-noise steps,
+where a small latent UNet adds detail it gets wrong (``builtin:ldmsr-s``, sr4, eta 0, held-out photos
+200-205 of imagenet-sample-500: 26.45 dB at t = 441, 25.33 dB at t = 1; bicubic 25.91). ``stop`` is
+the perception–distortion knob: 0 (default) for a full sample, about 0.4 for PSNR. The returned
+``x0c`` is blended with ``tau = rho`` (the estimate is a clean one, its diffusion noise term is gone;
+for ``stop`` = 0 the two differ by < 1%): on the same photos, noisy sr4, stop 0.4, that is 25.50 dB
+against 25.36 with ``tau_t`` (bicubic 25.21; 0.2 gave 25.38, 0.4 25.49).
 Cost per step: one UNet call, one decode, one encode.
 """
 
@@ -75,6 +84,7 @@ def restore(
     eta: float = 1.0,
     rho: float = 0.3,
     start: float = 0.5,
+    stop: float = 0.0,
     generator: torch.Generator | None = None,
     randn=None,
     callback=None,
@@ -87,7 +97,7 @@ def restore(
     randn = randn or make_randn(generator, device)
 
     lr = lr_conditioning(operator, y, prior.downscale)
-    schedule = ddim_schedule(prior.alphas_cumprod, steps, eta, start)
+    schedule = ddim_schedule(prior.alphas_cumprod, steps, eta, start, stop)
     noise = randn((y.shape[0], prior.latent_channels, H // prior.downscale, W // prior.downscale)).to(device)
     x_init = None
     if start < 1:
@@ -101,10 +111,12 @@ def restore(
         e = prior.eps(z, torch.full((z.shape[0],), t, device=device, dtype=torch.int64), lr)
         z0 = (z - (1 - a_t) ** 0.5 * e) / a_t**0.5
         x0 = prior.decode(z0)
-        x0c = spectral_consistency(operator, x0, y, sigma_y, estimate_error_std(a_t, rho))
+        last = i == len(schedule) - 1
+        # the returned estimate is a clean one: only the floor rho remains of its assumed error
+        x0c = spectral_consistency(operator, x0, y, sigma_y, rho if last else estimate_error_std(a_t, rho))
         if callback is not None:
             callback(StepInfo(i=i, steps=len(schedule), t=t, z_t=z, x_t=lambda z=z: prior.decode(z), x0=x0c))
-        if i == len(schedule) - 1:
+        if last:
             break
         z0c = prior.encode(x0c)
         e_c = (z - a_t**0.5 * z0c) / (1 - a_t) ** 0.5
