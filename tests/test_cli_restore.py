@@ -159,7 +159,7 @@ def test_stop_out_of_range_is_one_line_error(tmp_path, photo, ldm, capsys):
     assert main(["restore", str(photo), "--task", "sr4", "--method", "ddrm-ldm", "--prior", ldm, "--steps", "3",
                  "--out", str(out), "--degrade", "--no-progress", "--stop", "0.6"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "stop must be in [0, start=0.5)" in err[0] and _no_files(out)
+    assert len(err) == 1 and "stop (0.6) must be in [0, start=0.5)" in err[0] and _no_files(out)
 
 
 @pytest.mark.parametrize(
@@ -252,4 +252,4 @@ def test_methods_lists_every_method_with_its_options(capsys):
     out = capsys.readouterr().out
     for name in METHODS:
         assert f"\n{name} " in "\n" + out
-    assert "eta=0.85, eta_b=1.0" in out and "start=0.5, stop=0.0" in out and "strategy=a" in out
+    assert "eta=0.85, eta_b=1.0" in out and "start=0.5, stop=0.4" in out and "strategy=a" in out

@@ -98,7 +98,7 @@ def _add_restore(sub) -> None:
     p.add_argument(
         "--stop", type=float, default=None,
         help="ddrm-ldm: end the steps at this fraction of the diffusion and return the consistent clean estimate "
-        "there (default 0: a full sample; larger trades detail for PSNR)",
+        "there (default 0.4, best in PSNR and FID with builtin:ldmsr-s; 0: a full sample)",
     )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
     _add_run_options(p)

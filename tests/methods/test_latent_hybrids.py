@@ -1,5 +1,7 @@
 """DDRM-LDM (latent diffusion + pixel-space spectral consistency) and the report's DDRM-SRLDM."""
 
+import re
+
 import pytest
 import torch
 
@@ -119,7 +121,7 @@ def test_ddrm_ldm_output_matches_noiseless_measurement(tiny_ldm):
 
 
 def test_ddrm_ldm_start_is_the_encoded_consistent_upsampling(tiny_ldm):
-    """Default start 0.5: the first latent is the diffused encoding of the bicubic-upsampled conditioning
+    """start 0.5 (the default): the first latent is the diffused encoding of the bicubic-upsampled conditioning
     after the noiseless consistency projection (so it already satisfies H x = y)."""
     import torch.nn.functional as F
 
@@ -133,7 +135,7 @@ def test_ddrm_ldm_start_is_the_encoded_consistent_upsampling(tiny_ldm):
     draws = iter([torch.randn(1, tiny_ldm.latent_channels, 8, 8, generator=torch.Generator().manual_seed(k)) for k in range(9)])
     first = torch.randn(1, tiny_ldm.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     seen = []
-    get_method("ddrm-ldm").restore(tiny_ldm, t.operator, y, sigma_y=0.0, steps=4,
+    get_method("ddrm-ldm").restore(tiny_ldm, t.operator, y, sigma_y=0.0, steps=4, stop=0.0,
                                    randn=lambda shape: next(draws).clone(), callback=seen.append)
     sched = ddim_schedule(tiny_ldm.alphas_cumprod, 4, 1.0, 0.5)
     assert seen[0]["t"] == int(sched.timesteps[0]) == 376
@@ -157,7 +159,10 @@ def test_ddrm_ldm_stop_returns_the_consistent_estimate_at_the_stop_level(tiny_ld
     assert [s["t"] for s in seen] == [451, 401, 351, 301]
     torch.testing.assert_close(out, seen[-1]["x0"])
     torch.testing.assert_close(t.operator.H(out), y, atol=1e-5, rtol=1e-5)
-    full = restore(tiny_ldm, t.operator, y, sigma_y=0.0, steps=4, generator=torch.Generator().manual_seed(1))
+    full = restore(tiny_ldm, t.operator, y, sigma_y=0.0, steps=4, stop=0.0, generator=torch.Generator().manual_seed(1))
     assert (out - full).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="stop must be in"):
+    seen.clear()
+    restore(tiny_ldm, t.operator, y, sigma_y=0.0, steps=4, callback=seen.append)
+    assert [s["t"] for s in seen] == [476, 451, 426, 401]  # the default stop 0.4: grid (400, 500]
+    with pytest.raises(ValueError, match=re.escape("stop (0.5) must be in [0, start=0.5)")):
         restore(tiny_ldm, t.operator, y, sigma_y=0.0, steps=4, stop=0.5)
