@@ -166,3 +166,5 @@ def test_ddrm_ldm_stop_returns_the_consistent_estimate_at_the_stop_level(tiny_ld
     assert [s["t"] for s in seen] == [476, 451, 426, 401]  # the default stop 0.4: grid (400, 500]
     with pytest.raises(ValueError, match=re.escape("stop (0.5) must be in [0, start=0.5)")):
         restore(tiny_ldm, t.operator, y, sigma_y=0.0, steps=4, stop=0.5)
+    with pytest.raises(ValueError, match=re.escape("100 steps do not fit between stop 0.4 and start 0.5 (100 timesteps): use at most 99")):
+        restore(tiny_ldm, t.operator, y, sigma_y=0.0, steps=100)
