@@ -42,11 +42,16 @@ def ddim_timesteps(num_train_timesteps: int, steps: int, start: float = 1.0, sto
     if not 0.0 < start <= 1.0:
         raise ValueError(f"start must be in (0, 1], got {start}")
     if not 0.0 <= stop < start:
-        raise ValueError(f"stop must be in [0, start={start}), got {stop}")
+        raise ValueError(f"stop ({stop}) must be in [0, start={start}); stop 0 gives a full sample")
     offset = round(stop * num_train_timesteps)
     span = round(start * num_train_timesteps) - offset
-    if not 1 <= steps <= span - 1:
-        raise ValueError(f"DDIM steps must be between 1 and {span - 1}, got {steps}")
+    if steps < 1:
+        raise ValueError(f"DDIM steps must be at least 1, got {steps}")
+    if steps > span - 1:
+        raise ValueError(
+            f"{steps} steps do not fit between stop {stop} and start {start} ({span} timesteps): "
+            f"use at most {span - 1} steps"
+        )
     return offset + torch.arange(steps, dtype=torch.int64) * (span // steps) + 1
 
 

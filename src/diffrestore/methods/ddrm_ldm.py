@@ -94,15 +94,6 @@ def restore(
 ) -> torch.Tensor:
     """Restore ``x`` from ``y = H x + sigma_y n`` with a latent SR prior (see module docstring)."""
     check_latent_image_size(prior, operator, "DDRM-LDM")
-    if not 0 <= stop < start:
-        raise ValueError(f"DDRM-LDM: stop ({stop}) must be in [0, start={start}); stop 0 gives a full sample")
-    T = prior.alphas_cumprod.shape[0]
-    window = round(start * T) - round(stop * T)
-    if steps > window - 1:
-        raise ValueError(
-            f"DDRM-LDM: {steps} steps do not fit between stop {stop} and start {start} ({window} timesteps): "
-            f"use at most {window - 1} steps, or a lower --stop"
-        )
     _, H, W = operator.in_shape
     device = prior.alphas_cumprod.device
     y = y.to(device=device, dtype=torch.float32)
