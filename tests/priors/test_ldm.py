@@ -177,6 +177,30 @@ def test_tiny_checkpoint_round_trips_through_a_folder(golden, prior, tmp_path):
         assert rel(p.decode(fs["h"]), fs["decode_h_quantized"]) <= 1e-5
 
 
+def test_v_prediction_folder_returns_eps(golden, prior, tmp_path):
+    """A folder whose scheduler says v_prediction: ``eps`` is sqrt(a) v + sqrt(1-a) z_t of the raw output
+    (the golden eps-prior's ``eps`` is that raw output), with a computed in float64 from the LDM betas."""
+    root = tmp_path / "v"
+    _hub_files(golden, root)
+    cfg_path = root / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "prediction_type": "v_prediction"}))
+    prior.unet.save_pretrained(root / "unet")
+    prior.first_stage.save_pretrained(root / "vqvae")
+    p = load_latent_sr(root)
+    assert p.prediction_type == "v_prediction"
+    d = golden["ref"]["unet"][2]
+    betas = torch.linspace(0.0015**0.5, 0.0155**0.5, 1000, dtype=torch.float64) ** 2
+    a = torch.cumprod(1 - betas, 0)[torch.as_tensor(d["t"]).long()].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        raw = prior.eps(d["z_t"], d["t"], d["lr"]).double()
+        want = a.sqrt() * raw + (1 - a).sqrt() * d["z_t"].double()
+        assert rel(p.eps(d["z_t"], d["t"], d["lr"]).double(), want) <= 1e-5
+    cfg_path.write_text(json.dumps({**cfg, "prediction_type": "sample"}))
+    with pytest.raises(PriorLoadError, match="prediction_type 'sample' is not supported"):
+        load_latent_sr(root)
+
+
 def test_hub_configs_random_weights_load_strictly(golden, tmp_path):
     """The public LDM-SR 4x model's configs: random weights saved in the hub layout reload strictly."""
     hub = golden["dir"] / "hub_configs"

@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,7 @@ SHARED_OPTION_KEYS = {"crop", "batch", "lr", "warmup", "grad_clip", "ema_decay",
 OPTION_KEYS = {
     "pixel": SHARED_OPTION_KEYS | {"weight_decay", "t_low_frac", "t_low_max"},
     "autoencoder": SHARED_OPTION_KEYS | {"kl_weight", "mse_weight", "logvar_init"},
-    "latent_unet": SHARED_OPTION_KEYS | {"lr_noise_frac", "lr_noise_max", "vae_sha256"},
+    "latent_unet": SHARED_OPTION_KEYS | {"lr_noise_frac", "lr_noise_max", "vae_sha256", "encoded_sides", "prediction"},
 }
 
 TINY_PIXEL = dict(
@@ -151,15 +153,35 @@ def test_latent_sr_stages_export_a_loadable_folder(data_dir, tmp_path):
         assert ck["kind"] == kind and set(ck["options"]) == OPTION_KEYS[kind]
     with pytest.raises(common.TrainingError):  # would invalidate the trained UNet
         train_latent_sr("autoencoder", data_dir, out, tmp_path / "ae2", crop=16, steps=1, **kw)
-    # a UNet trained from a separate --vae folder ships that autoencoder beside it
+    # a UNet trained from a separate --vae folder ships that autoencoder beside it; this one is a
+    # v-prediction UNet on whole-photo latents, and its folder says so
     out2 = tmp_path / "ldmsr2"
-    train_latent_sr(
+    r = train_latent_sr(
         "unet", data_dir, out2, tmp_path / "unet2", vae_dir=out / "vae", crop=16, steps=1, channels=(8, 16),
-        norm_num_groups=4, layers_per_block=1, val_size=0, **kw,
+        norm_num_groups=4, layers_per_block=1, val_size=2, encoded_sides=(32,), prediction="v_prediction", **kw,
     )
+    assert math.isfinite(r["loss"]) and (tmp_path / "unet2" / "encoded_photos.pt").is_file()
+    assert json.loads((out2 / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    from diffrestore.priors.loading import load_prior
+
+    assert load_prior(str(out2), kind="latent").prediction_type == "v_prediction"
+    with pytest.raises(common.TrainingError, match="prediction"):
+        train_latent_sr("unet", data_dir, out2, tmp_path / "unet3", vae_dir=out / "vae", prediction="x0", **kw)
     assert (out2 / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
         out / "vae" / "diffusion_pytorch_model.safetensors"
     ).read_bytes()
+    # decoder fine-tune: the encoder side is exported bit-identical (the UNets' latent space), the decoder moves
+    r = train_latent_sr(
+        "decoder", data_dir, tmp_path / "ft", tmp_path / "dec", vae_dir=out / "vae", crop=16, steps=2,
+        encoded_sides=(32,), val_size=2, **{**kw, "warmup": 1},
+    )
+    assert math.isfinite(r["loss"])
+    tuned = AutoencoderKL.from_pretrained(tmp_path / "ft" / "vae").state_dict()
+    for k, v in AutoencoderKL.from_pretrained(out / "vae").state_dict().items():
+        frozen = k.startswith(("encoder.", "quant_conv."))
+        assert torch.equal(tuned[k], v) == frozen or (not frozen and "norm" in k), k
+    assert not torch.equal(tuned["decoder.conv_out.weight"], vae.state_dict()["decoder.conv_out.weight"])
+    assert "decoder fine-tune" in json.loads((tmp_path / "ft" / "vae" / "recipe.json").read_text())
     unet = UNet2DModel.from_pretrained(out / "unet")
     assert unet.config.in_channels == 6 and unet.config.out_channels == 3
     index = json.loads((out / "model_index.json").read_text())
@@ -169,6 +191,44 @@ def test_latent_sr_stages_export_a_loadable_folder(data_dir, tmp_path):
     z = vae.float().encode(torch.zeros(1, 3, 16, 16)).latent_dist.mean
     assert z.shape == (1, 3, 4, 4)
     assert unet.float()(torch.cat([z, torch.zeros(1, 3, 4, 4)], 1), torch.tensor([5])).sample.shape == z.shape
+
+
+class _BlockAverageVAE:
+    """An exactly local 'encoder' (4x4 block average), so a latent crop must equal the pixel crop's average."""
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=block_downsample(x, 4)))
+
+
+def test_encoded_photos_crops_are_aligned_with_their_latents(data_dir):
+    from diffrestore.training.latent_sr import EncodedPhotos
+
+    photos = load_photos(list_photos(data_dir)[:3])
+    enc = EncodedPhotos.encode(photos, _BlockAverageVAE(), (64, 48), "cpu", seed=0)
+    assert len(enc.latents) == 6
+    for img, k in zip(photos, (0, 2, 4)):  # short side 64, long side a multiple of 4 near the aspect ratio
+        h, w = enc.pixels[k].shape[1:]
+        assert min(h, w) == 64 and h % 4 == 0 and w % 4 == 0
+        assert abs(max(h, w) / 64 - max(img.size) / min(img.size)) < 4 / 64
+    x, z = enc.batch(8, 32, np.random.default_rng(1))
+    assert x.shape == (8, 3, 32, 32) and z.shape == (8, 3, 8, 8)
+    assert x.min() >= -1 and x.max() <= 1
+    # fp16 storage of the latents: half-precision rounding only
+    torch.testing.assert_close(z, block_downsample(x, 4), atol=2e-3, rtol=0)
+
+
+def test_v_prediction_target_recovers_noise_and_clean_latent():
+    from diffrestore.priors.base import eps_from_v
+    from diffrestore.training.latent_sr import ldm_alphas_cumprod, target_of
+
+    gen = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(2, 4, 3, 5, 5, generator=gen, dtype=torch.float64)
+    a = ldm_alphas_cumprod().double()[torch.tensor([0, 250, 500, 999])].view(-1, 1, 1, 1)
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    assert torch.equal(target_of("epsilon", z0, noise, a), noise)
+    v = target_of("v_prediction", z0, noise, a)
+    torch.testing.assert_close(eps_from_v(v, z_t, a), noise, atol=1e-12, rtol=0)
+    torch.testing.assert_close(a.sqrt() * z_t - (1 - a).sqrt() * v, z0, atol=1e-12, rtol=0)  # x0 = sqrt(a) z_t - sqrt(1-a) v
 
 
 def test_latent_normalisation_is_exact():

@@ -95,15 +95,19 @@ def ldm_alphas_cumprod(
     return alphas_cumprod_from_betas(betas)
 
 
-def scheduler_alphas_cumprod(cfg: Mapping[str, Any], where: str = "scheduler config") -> torch.Tensor:
+def scheduler_alphas_cumprod(
+    cfg: Mapping[str, Any], where: str = "scheduler config", predictions: tuple[str, ...] = ("epsilon",)
+) -> torch.Tensor:
     """``alphas_cumprod`` of a diffusers ``scheduler_config.json`` (diffusers defaults for absent keys).
 
     Each schedule name maps to the one function of its model family: "linear" is ADM's (``linear_betas``),
-    "scaled_linear" LDM's (``sqrt_linear_betas``). Only epsilon prediction is supported.
+    "scaled_linear" LDM's (``sqrt_linear_betas``). A ``prediction_type`` outside ``predictions`` (the ones
+    the caller's prior converts) is refused here, before any weights are read.
     """
     pred = cfg.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise PriorLoadError(f"{where}: prediction_type {pred!r} is not supported (need epsilon)")
+    if pred not in predictions:
+        need = " or ".join(predictions)
+        raise PriorLoadError(f"{where}: prediction_type {pred!r} is not supported (need {need})")
     betas = _betas(
         str(cfg.get("beta_schedule", "linear")),
         float(cfg.get("beta_start", 1e-4)),
@@ -114,6 +118,12 @@ def scheduler_alphas_cumprod(cfg: Mapping[str, Any], where: str = "scheduler con
         where,
     )
     return alphas_cumprod_from_betas(betas)
+
+
+def eps_from_v(v: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Epsilon from a v-prediction: with ``x_t = sqrt(a) x0 + sqrt(1-a) eps`` and ``v = sqrt(a) eps -
+    sqrt(1-a) x0`` (Salimans & Ho 2022), ``eps = sqrt(a) v + sqrt(1-a) x_t``."""
+    return alpha_bar.sqrt() * v + (1 - alpha_bar).sqrt() * x_t
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,7 +162,11 @@ class PixelPrior(_ScheduledPrior):
 
 
 class LatentSRPrior(_ScheduledPrior):
-    """A latent diffusion model for super-resolution, conditioned by concatenating the LR image."""
+    """A latent diffusion model for super-resolution, conditioned by concatenating the LR image.
+
+    ``eps`` is always the noise estimate; a network trained for another target (``prediction_type``
+    "v_prediction") is converted by :meth:`eps_from_output`.
+    """
 
     #: latent side = image side // downscale (the autoencoder's factor, 4 for LDM-SR)
     downscale: int = 4
@@ -166,5 +180,14 @@ class LatentSRPrior(_ScheduledPrior):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    prediction_type: str = "epsilon"
+
     def eps(self, z_t: torch.Tensor, t: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def eps_from_output(self, out: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network output as epsilon (:func:`eps_from_v` for v-prediction, computed in float32)."""
+        if self.prediction_type == "epsilon":
+            return out
+        a = self.alphas_cumprod.to(z_t.device)[t.long()].view(-1, *([1] * (z_t.ndim - 1)))
+        return eps_from_v(out.float(), z_t.float(), a).to(out.dtype)

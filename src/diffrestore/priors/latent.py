@@ -28,6 +28,9 @@ from diffusers import AutoencoderKL, UNet2DModel, VQModel
 from ._files import from_pretrained, read_json, resolve_dtype
 from .base import LatentSRPrior, PriorLoadError, ldm_alphas_cumprod, scheduler_alphas_cumprod
 
+#: the network targets a latent SR folder may declare (``eps`` converts v-prediction)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 __all__ = ["DiffusersLatentSRPrior", "check_latent_sr", "latent_channels_of", "ldm_alphas_cumprod",
            "load_diffusers_latent_sr"]
 
@@ -76,9 +79,14 @@ class DiffusersLatentSRPrior(LatentSRPrior):
         quantize_on_decode: bool = True,
         latent_scale: float | None = None,
         dtype: torch.dtype | str | None = None,
+        prediction_type: str = "epsilon",
     ):
         check_latent_sr(unet, first_stage)
         super().__init__(ldm_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod)
+        if prediction_type not in PREDICTION_TYPES:
+            need = " or ".join(PREDICTION_TYPES)
+            raise PriorLoadError(f"prediction_type {prediction_type!r} is not supported (need {need})")
+        self.prediction_type = prediction_type
         self.unet = unet.eval()
         self.first_stage = first_stage.eval()
         self.is_vq = isinstance(first_stage, VQModel)
@@ -127,7 +135,7 @@ class DiffusersLatentSRPrior(LatentSRPrior):
         if t.ndim == 0 or t.numel() == 1:
             t = t.reshape(1).expand(z_t.shape[0])
         inp = torch.cat([z_t, lr.to(z_t.dtype)], dim=1).to(self.unet.dtype)
-        return self.unet(inp, t).sample.to(z_t.dtype)
+        return self.eps_from_output(self.unet(inp, t).sample, z_t, t).to(z_t.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,12 +143,14 @@ class DiffusersLatentSRPrior(LatentSRPrior):
 # ---------------------------------------------------------------------------------------------
 
 
-def _schedule_from_folder(folder: Path) -> torch.Tensor:
-    """alphas_cumprod from ``scheduler/scheduler_config.json``; the LDM schedule when there is none."""
+def _schedule_from_folder(folder: Path) -> tuple[torch.Tensor, str]:
+    """(alphas_cumprod, prediction_type) from ``scheduler/scheduler_config.json``; the LDM schedule and
+    epsilon when there is none."""
     cfg_path = folder / "scheduler_config.json"
     if not cfg_path.is_file():
-        return ldm_alphas_cumprod()
-    return scheduler_alphas_cumprod(read_json(cfg_path), str(cfg_path))
+        return ldm_alphas_cumprod(), "epsilon"
+    cfg = read_json(cfg_path)
+    return scheduler_alphas_cumprod(cfg, str(cfg_path), PREDICTION_TYPES), cfg.get("prediction_type", "epsilon")
 
 
 def load_diffusers_latent_sr(
@@ -174,6 +184,7 @@ def load_diffusers_latent_sr(
     unet = from_pretrained(UNet2DModel, root / "unet", dtype)
     first_stage = from_pretrained(classes[fs_name], root / fs_name, dtype)
     check_latent_sr(unet, first_stage, where=str(root))
+    alphas_cumprod, prediction_type = _schedule_from_folder(root / "scheduler")
     return DiffusersLatentSRPrior(
-        unet, first_stage, _schedule_from_folder(root / "scheduler"), quantize_on_decode=quantize_on_decode
+        unet, first_stage, alphas_cumprod, quantize_on_decode=quantize_on_decode, prediction_type=prediction_type
     )

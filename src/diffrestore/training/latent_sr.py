@@ -31,11 +31,12 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_write_bytes
-from ..priors.base import alphas_cumprod_from_betas
+from ..io import atomic_path, atomic_write_bytes
+from ..priors.base import alphas_cumprod_from_betas, eps_from_v
 from .common import (
     LoopOptions,
     Trainer,
@@ -155,7 +156,7 @@ def _file_sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_folder_meta(out_dir: Path) -> None:
+def _write_folder_meta(out_dir: Path, prediction: str = "epsilon") -> None:
     """model_index.json and scheduler/scheduler_config.json of the hub layout."""
     import diffusers
 
@@ -173,14 +174,14 @@ def _write_folder_meta(out_dir: Path) -> None:
     (out_dir / "scheduler").mkdir(exist_ok=True)
     atomic_write_json(
         out_dir / "scheduler" / "scheduler_config.json",
-        {**LDM_SCHEDULER, "_diffusers_version": diffusers.__version__},
+        {**LDM_SCHEDULER, "prediction_type": prediction, "_diffusers_version": diffusers.__version__},
     )
 
 
 def _write_readme(out_dir: Path) -> None:
     """README.md from the recipe records of the two stages (``vae/recipe.json``, ``unet/recipe.json``)."""
     parts = [
-        "# ldmsr-s: built-in latent super-resolution prior (x4)\n",
+        f"# {out_dir.name}: built-in latent super-resolution prior (x4)\n",
         "LDM-SR style model in the diffusers hub layout, trained from scratch by",
         "`diffrestore.training.latent_sr`: `vae/` (AutoencoderKL, f4, 3 latent channels), `unet/`",
         "(UNet2DModel on `cat([z_t, lr], 1)`: latent first, then the RGB low-resolution image in [-1, 1] at",
@@ -337,11 +338,88 @@ def train_autoencoder(
     return result
 
 
-def _recipe_data(n_photos: int, data_dir, loop: LoopOptions, crop: int, short_side) -> str:
-    return (
-        f"{n_photos} photos of {Path(data_dir).name}/ (every {loop.holdout_every}th held out), random "
-        f"{crop}x{crop} crops of the photo rescaled to a short side uniform in {list(short_side)}, h-flips"
-    )
+def _decoder_finetune_model(vae_dir: str):
+    """The autoencoder of ``vae_dir`` with its encoder side (encoder, quant_conv) frozen."""
+    vae = load_frozen_vae(Path(vae_dir), "cpu")[0].train().requires_grad_(True)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    return vae
+
+
+def train_decoder(
+    data_dir,
+    out_dir,
+    run_dir,
+    *,
+    vae_dir,
+    crop: int = 64,
+    mse_weight: float = 1.0,
+    encoded_sides=(256, 192),
+    val_size: int = 32,
+    max_photos: int | None = None,
+    loop: LoopOptions | None = None,
+    **loop_options,
+) -> dict:
+    """Stage ``decoder``: fine-tune the decoder (and ``post_quant_conv``) of a trained autoencoder with its
+    encoder frozen, on L1 + MSE of ``decode(encode(x))`` (posterior mean, the latent every method decodes).
+
+    Why: the encoder defines the latent space a UNet was trained in; keeping it bit-identical keeps every
+    UNet trained on it valid, while a better decoder lifts what every latent method can reach. The photos
+    are encoded once, whole (:class:`EncodedPhotos`), so a step costs the decoder only.
+    Loop options: :class:`LoopOptions` (here warm-up 100, lr 1e-4 by default)."""
+    loop = LoopOptions.resolve(loop, loop_options, warmup=100)
+    if crop % 4:
+        raise TrainingError(f"crop must be a multiple of 4, got {crop}")
+    tr = Trainer(run_dir, loop)
+    dev = tr.device
+    frozen, vae_sha = load_frozen_vae(Path(vae_dir), dev)
+    photos, _, val_x = load_training_data(data_dir, crop, (192.0, 256.0), loop.holdout_every, max_photos, val_size)
+    encoded = load_or_encode_photos(tr.run_dir, photos, frozen, vae_sha, encoded_sides, dev, loop.seed)
+    del frozen
+    model = tr.build_model(_decoder_finetune_model, {"vae_dir": str(vae_dir)})
+    options = tr.options(crop=crop, mse_weight=mse_weight, encoded_sides=[int(v) for v in encoded_sides])
+    options["vae_sha256"] = vae_sha
+    tr.log_start(options, stage="decoder", photos=len(photos))
+    last_val: dict = {}
+
+    def step_fn(i: int):
+        model.train()
+        x, z = (v.to(dev) for v in encoded.batch(loop.batch, crop, tr.np_rng))
+        err = model.decode(z).sample - x
+        return tr.optimize(i, err.abs().mean() + mse_weight * err.pow(2).mean())
+
+    def checkpoint_fn(i: int, el: float):
+        tr.save(i, el, "decoder", options, vae_sha256=vae_sha)
+        last_val.clear()
+        if val_x is not None:  # validate what is shipped: rounded to fp16
+            last_val.update(validate_autoencoder(copy.deepcopy(tr.ema.model).half().float(), val_x, dev))
+        tr.log.write(event="checkpoint", step=i, elapsed=round(el, 1), **{k: _fmt(v) for k, v in last_val.items()})
+        if out_dir is not None:
+            out = Path(out_dir) / "vae"
+            save_diffusers_fp16(tr.ema.model, out)
+            recipe = json.loads((Path(vae_dir) / "recipe.json").read_text()) if (Path(vae_dir) / "recipe.json").is_file() else {}
+            recipe["decoder fine-tune"] = (
+                f"decoder + post_quant_conv only (encoder bit-identical to sha256 {vae_sha[:16]}..., so the latent "
+                f"space is unchanged), L1 + {mse_weight:g} * MSE of decode(posterior mean), "
+                f"{_recipe_data(len(photos), data_dir, loop, crop, None, encoded_sides)}, {_recipe_optimiser(loop)}, "
+                f"{i} steps, {fmt_hours(el)} on {tr.hardware}"
+            )
+            recipe["held-out reconstruction after the decoder fine-tune"] = ", ".join(
+                f"{k} {v:.4f}" for k, v in last_val.items() if "psnr" in k or "l1" in k
+            ) + f" ({val_x.shape[0] if val_x is not None else 0} held-out {crop}px crops, fp16 weights)"
+            atomic_write_json(out / "recipe.json", recipe)
+
+    result = tr.train(step_fn, checkpoint_fn, desc="decoder", ndigits=5)
+    result["val"] = dict(last_val)
+    return result
+
+
+def _recipe_data(n_photos: int, data_dir, loop: LoopOptions, crop: int, short_side, encoded_sides=None) -> str:
+    photos = f"{n_photos} photos of {Path(data_dir).name}/ (every {loop.holdout_every}th held out)"
+    if encoded_sides is not None:
+        return (f"{photos}, encoded whole once at short sides {list(encoded_sides)} (random h-flip), random "
+                f"{crop}x{crop} crops aligned to the latent grid")
+    return f"{photos}, random {crop}x{crop} crops of the photo rescaled to a short side uniform in {list(short_side)}, h-flips"
 
 
 def _recipe_optimiser(loop: LoopOptions) -> str:
@@ -382,6 +460,77 @@ def _sync_vae(src: Path, dst: Path, sha: str) -> None:
             os.chmod(dst / name, 0o644)
 
 
+class EncodedPhotos:
+    """The training photos encoded once, whole, at a few fixed short sides; batches are aligned crops.
+
+    Why: encoding every batch's crops costs about three times the training step of a small UNet, and a
+    crop of a whole-photo latent is what the UNet meets at inference (images are encoded whole), border
+    effects included. Each photo is resized (bicubic, antialiased) to each short side in ``sides`` (the
+    long side rounded to a multiple of 4), flipped horizontally with probability 1/2 (once, at encoding),
+    and its posterior mean kept in fp16 next to the uint8 pixels. A batch takes random crops at latent
+    positions, so the pixel crop is exactly the one the latent crop encodes.
+    """
+
+    def __init__(self, pixels: list[torch.Tensor], latents: list[torch.Tensor]):
+        self.pixels, self.latents = pixels, latents
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, photos, vae, sides, device, seed: int) -> "EncodedPhotos":
+        from PIL import Image
+        from tqdm import tqdm
+
+        rng = np.random.default_rng(seed)
+        pixels, latents = [], []
+        for img in tqdm(photos, desc="encoding photos", mininterval=30):
+            w, h = img.size
+            for side in sides:
+                scale = side / min(w, h)
+                size = (max(4, round(w * scale / 4) * 4), max(4, round(h * scale / 4) * 4))
+                a = torch.from_numpy(np.array(img.resize(size, Image.Resampling.BICUBIC))).permute(2, 0, 1)
+                if rng.random() < 0.5:
+                    a = a.flip(2)
+                x = a[None].float().div(127.5).sub(1.0).to(device)
+                latents.append(vae.encode(x).latent_dist.mean[0].half().cpu())
+                pixels.append(a.contiguous())
+        return cls(pixels, latents)
+
+    def batch(self, n: int, crop: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixels (n, 3, crop, crop) float in [-1, 1], latents (n, c, crop/4, crop/4) float)."""
+        c4 = crop // 4
+        xs, zs = [], []
+        for _ in range(n):
+            k = int(rng.integers(len(self.latents)))
+            z = self.latents[k]
+            i = int(rng.integers(z.shape[1] - c4 + 1))
+            j = int(rng.integers(z.shape[2] - c4 + 1))
+            zs.append(z[:, i : i + c4, j : j + c4].float())
+            xs.append(self.pixels[k][:, 4 * i : 4 * i + crop, 4 * j : 4 * j + crop].float())
+        return torch.stack(xs).div(127.5).sub(1.0), torch.stack(zs)
+
+
+def load_or_encode_photos(run_dir: Path, photos, vae, vae_sha: str, sides, device, seed: int) -> EncodedPhotos:
+    """:meth:`EncodedPhotos.encode`, cached in ``run_dir/encoded_photos.pt`` (reused when the autoencoder,
+    the sides, the photo count and the seed are the same)."""
+    key = {"vae_sha256": vae_sha, "sides": [int(v) for v in sides], "photos": len(photos), "seed": int(seed)}
+    path = Path(run_dir) / "encoded_photos.pt"
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("key") == key:
+            return EncodedPhotos(cached["pixels"], cached["latents"])
+    enc = EncodedPhotos.encode(photos, vae, sides, device, seed)
+    with atomic_path(path) as tmp:
+        torch.save({"key": key, "pixels": enc.pixels, "latents": enc.latents}, tmp)
+    return enc
+
+
+def target_of(prediction: str, z0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The regression target: ``noise`` (epsilon) or ``v = sqrt(a) noise - sqrt(1 - a) z0`` (v_prediction)."""
+    if prediction == "epsilon":
+        return noise
+    return a.sqrt() * noise - (1 - a).sqrt() * z0
+
+
 def make_lr(x: torch.Tensor, gen: torch.Generator, noise_frac: float, noise_max: float) -> torch.Tensor:
     """4x4 block average, plus N(0, s^2) noise with s ~ U[0, noise_max] for a ``noise_frac`` share."""
     lr = block_downsample(x, 4)
@@ -394,7 +543,7 @@ def make_lr(x: torch.Tensor, gen: torch.Generator, noise_frac: float, noise_max:
 
 
 @torch.no_grad()
-def validate_latent_unet(unet, vae, x: torch.Tensor, ac: torch.Tensor, device) -> dict:
+def validate_latent_unet(unet, vae, x: torch.Tensor, ac: torch.Tensor, device, prediction: str = "epsilon") -> dict:
     unet.eval()
     gen = torch.Generator().manual_seed(777)
     x = x.to(device)
@@ -407,6 +556,8 @@ def validate_latent_unet(unet, vae, x: torch.Tensor, ac: torch.Tensor, device) -
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
         t = torch.full((z.shape[0],), t_val, device=device)
         eps = unet(torch.cat([zt, lr], 1), t).sample
+        if prediction == "v_prediction":
+            eps = eps_from_v(eps, zt, a)
         out[f"val_loss_t{t_val}"] = float(F.mse_loss(eps, noise))
         if t_val == 250:  # one-step x0 estimate from t=250, decoded
             z0 = (zt - (1 - a).sqrt() * eps) / a.sqrt()
@@ -429,16 +580,24 @@ def train_latent_unet(
     attention: bool = False,
     norm_num_groups: int = 32,
     short_side=(192.0, 256.0),
+    encoded_sides=None,
+    prediction: str = "epsilon",
     val_size: int = 16,
     max_photos: int | None = None,
     loop: LoopOptions | None = None,
     **loop_options,
 ) -> dict:
-    """Stage 2. Reads the frozen autoencoder from ``vae_dir`` (default ``out_dir/vae``); exports the EMA
+    """Stage 2. ``encoded_sides`` (e.g. ``(256, 192)``): train on crops of whole photos encoded once at
+    these short sides (:class:`EncodedPhotos`) instead of encoding random rescaled crops at every step.
+    ``prediction``: "epsilon" or "v_prediction" (the network's target; written to the scheduler config). Reads the frozen autoencoder from ``vae_dir`` (default ``out_dir/vae``); exports the EMA
     UNet (fp16) to ``out_dir/unet`` at each checkpoint. Loop options: :class:`LoopOptions`."""
     loop = LoopOptions.resolve(loop, loop_options)
     if crop % 4:
         raise TrainingError(f"crop must be a multiple of 4, got {crop}")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise TrainingError(f"prediction must be epsilon or v_prediction, got {prediction!r}")
+    if encoded_sides is not None and min(encoded_sides) < crop:
+        raise TrainingError(f"encoded short sides {list(encoded_sides)} must be >= the crop {crop}")
     tr = Trainer(run_dir, loop)
     dev = tr.device
     if vae_dir is None:
@@ -450,6 +609,9 @@ def train_latent_unet(
         raise TrainingError(f"{vae_dir}: the autoencoder changed since this UNet run started (sha256 differs)")
     latent_channels = int(vae.config.latent_channels)
     photos, sampler, val_x = load_training_data(data_dir, crop, short_side, loop.holdout_every, max_photos, val_size)
+    encoded = None
+    if encoded_sides is not None:
+        encoded = load_or_encode_photos(tr.run_dir, photos, vae, vae_sha, encoded_sides, dev, loop.seed)
 
     model_cfg = dict(
         block_out_channels=list(channels), layers_per_block=layers_per_block, latent_channels=latent_channels,
@@ -461,7 +623,8 @@ def train_latent_unet(
     ac_dev = ac.to(dev)
     T = ac.shape[0]
     options = tr.options(
-        crop=crop, lr_noise_frac=lr_noise_frac, lr_noise_max=lr_noise_max, short_side=list(short_side)
+        crop=crop, lr_noise_frac=lr_noise_frac, lr_noise_max=lr_noise_max, short_side=list(short_side),
+        encoded_sides=None if encoded_sides is None else [int(v) for v in encoded_sides], prediction=prediction,
     )
     options["vae_sha256"] = vae_sha
     tr.log_start(options, stage="unet", photos=len(photos))
@@ -469,39 +632,44 @@ def train_latent_unet(
 
     def step_fn(i: int):
         model.train()
-        x = sampler.batch(loop.batch, tr.np_rng).to(dev)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean
+        if encoded is not None:
+            x, z = (v.to(dev) for v in encoded.batch(loop.batch, crop, tr.np_rng))
+        else:
+            x = sampler.batch(loop.batch, tr.np_rng).to(dev)
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.mean
         lr_img = make_lr(x, tr.gen, lr_noise_frac, lr_noise_max)
         t = torch.randint(0, T, (loop.batch,), generator=tr.gen)
         noise = torch.randn(z.shape, generator=tr.gen).to(dev)
         t = t.to(dev)
         a = ac_dev[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
-        return tr.optimize(i, F.mse_loss(model(torch.cat([zt, lr_img], 1), t).sample, noise))
+        out = model(torch.cat([zt, lr_img], 1), t).sample
+        return tr.optimize(i, F.mse_loss(out, target_of(prediction, z, noise, a)))
 
     def checkpoint_fn(i: int, el: float):
         tr.save(i, el, "latent_unet", options, vae_sha256=vae_sha)
         last_val.clear()
         if val_x is not None:
-            last_val.update(validate_latent_unet(tr.ema.model, vae, val_x, ac, dev))
+            last_val.update(validate_latent_unet(tr.ema.model, vae, val_x, ac, dev, prediction))
         tr.log.write(event="checkpoint", step=i, elapsed=round(el, 1), **{k: _fmt(v) for k, v in last_val.items()})
         if out_dir is not None:
             out = Path(out_dir)
-            _write_folder_meta(out)
+            _write_folder_meta(out, prediction)
             save_diffusers_fp16(tr.ema.model, out / "unet")
             _sync_vae(Path(vae_dir), out / "vae", vae_sha)
             recipe = {
-                "class": "UNet2DModel, eps prediction, input cat([z_t, lr], 1) (latent first), "
+                "class": f"UNet2DModel, {prediction} ({'eps' if prediction == 'epsilon' else 'v'}) prediction, input cat([z_t, lr], 1) (latent first), "
                 + ("mid-block attention" if model_cfg["attention"] else "no attention"),
                 "architecture": f"block_out_channels {tuple(model_cfg['block_out_channels'])}, layers_per_block "
                 f"{model_cfg['layers_per_block']}, norm groups {model_cfg['norm_num_groups']}, scale_shift",
                 "parameters": f"{param_count(tr.ema.model) / 1e6:.2f} M",
                 "autoencoder": f"vae/ frozen (sha256 {vae_sha[:16]}...), z = posterior mean",
-                "data": _recipe_data(len(photos), data_dir, loop, crop, short_side),
+                "data": _recipe_data(len(photos), data_dir, loop, crop, short_side, encoded_sides),
                 "conditioning": f"lr = 4x4 block average of x (sr4), + N(0, s^2) noise, s ~ U[0, {lr_noise_max:g}], "
                 f"for {lr_noise_frac:.0%} of samples",
-                "objective": "MSE on eps, t uniform on [0, 1000), LDM schedule (sqrt-linear 0.0015..0.0155)",
+                "objective": f"MSE on {'eps' if prediction == 'epsilon' else 'v = sqrt(a) eps - sqrt(1-a) z0'}, "
+                "t uniform on [0, 1000), LDM schedule (sqrt-linear 0.0015..0.0155)",
                 "optimiser": _recipe_optimiser(loop),
                 "steps": i,
                 "wall time": f"{fmt_hours(el)} on {tr.hardware}",
@@ -516,12 +684,14 @@ def train_latent_unet(
 
 
 def train_latent_sr(stage: str, data_dir, out_dir, run_dir, **kw) -> dict:
-    """``stage`` is 'autoencoder' or 'unet'."""
+    """``stage`` is 'autoencoder', 'unet' or 'decoder' (fine-tune of a trained autoencoder's decoder)."""
     if stage == "autoencoder":
         return train_autoencoder(data_dir, out_dir, run_dir, **kw)
     if stage == "unet":
         return train_latent_unet(data_dir, out_dir, run_dir, **kw)
-    raise TrainingError(f"unknown stage {stage!r} (use autoencoder or unet)")
+    if stage == "decoder":
+        return train_decoder(data_dir, out_dir, run_dir, **kw)
+    raise TrainingError(f"unknown stage {stage!r} (use autoencoder, unet or decoder)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,12 +701,12 @@ def train_latent_sr(stage: str, data_dir, out_dir, run_dir, **kw) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m diffrestore.training.latent_sr", description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["autoencoder", "unet"])
+    p.add_argument("stage", choices=["autoencoder", "unet", "decoder"])
     add_loop_arguments(
         p, out_help="model folder (hub layout) to export vae/ or unet/ into", warmup=None,
         warmup_help="default 500 (autoencoder), 1000 (unet)",
     )
-    p.add_argument("--vae", default=None, help="(unet) autoencoder folder; default OUT/vae")
+    p.add_argument("--vae", default=None, help="(unet, decoder) autoencoder folder; default OUT/vae (unet)")
     p.add_argument("--crop", type=int, default=None, help="default 64 (autoencoder), 128 (unet)")
     p.add_argument("--channels", type=int_list, default=None)
     p.add_argument("--layers-per-block", type=int, default=None)
@@ -547,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-noise-frac", type=float, default=0.5, help="(unet)")
     p.add_argument("--lr-noise-max", type=float, default=0.1, help="(unet)")
     p.add_argument("--attention", action="store_true", help="(unet) mid-block attention")
+    p.add_argument("--encoded-sides", type=int_list, default=None,
+                   help="(unet) encode the photos whole once at these short sides (e.g. 256,192) and crop latents")
+    p.add_argument("--prediction", choices=["epsilon", "v_prediction"], default="epsilon", help="(unet) target")
     return p
 
 
@@ -557,8 +730,17 @@ def _train_from_args(a, kw: dict) -> dict:
             kw[name] = val
     if a.stage == "autoencoder":
         kw.update(kl_weight=a.kl_weight, mse_weight=a.mse_weight, logvar_init=a.logvar_init)
+    elif a.stage == "decoder":
+        if a.vae is None:
+            raise TrainingError("the decoder stage needs --vae (the trained autoencoder folder)")
+        for name in ("channels", "layers_per_block", "norm_num_groups"):
+            kw.pop(name, None)
+        kw.update(vae_dir=a.vae, mse_weight=a.mse_weight)
+        if a.encoded_sides is not None:
+            kw["encoded_sides"] = a.encoded_sides
     else:
-        kw.update(lr_noise_frac=a.lr_noise_frac, lr_noise_max=a.lr_noise_max, attention=a.attention, vae_dir=a.vae)
+        kw.update(lr_noise_frac=a.lr_noise_frac, lr_noise_max=a.lr_noise_max, attention=a.attention, vae_dir=a.vae,
+                  encoded_sides=a.encoded_sides, prediction=a.prediction)
     return train_latent_sr(a.stage, a.data, a.out, a.run, **kw)
 
 
