@@ -172,7 +172,7 @@ def test_latent_sr_stages_export_a_loadable_folder(data_dir, tmp_path):
     ).read_bytes()
     # decoder fine-tune: the encoder side is exported bit-identical (the UNets' latent space), the decoder moves
     r = train_latent_sr(
-        "decoder", data_dir, tmp_path / "ft", tmp_path / "dec", vae_dir=out / "vae", crop=16, steps=2,
+        "decoder", data_dir, tmp_path / "ft", tmp_path / "dec", vae_dir=out / "vae", crop=16, margin=4, steps=2,
         encoded_sides=(32,), val_size=2, **{**kw, "warmup": 1},
     )
     assert math.isfinite(r["loss"])
@@ -229,6 +229,14 @@ def test_v_prediction_target_recovers_noise_and_clean_latent():
     v = target_of("v_prediction", z0, noise, a)
     torch.testing.assert_close(eps_from_v(v, z_t, a), noise, atol=1e-12, rtol=0)
     torch.testing.assert_close(a.sqrt() * z_t - (1 - a).sqrt() * v, z0, atol=1e-12, rtol=0)  # x0 = sqrt(a) z_t - sqrt(1-a) v
+
+
+def test_decoder_stage_without_vae_is_a_one_line_error(tmp_path, capsys):
+    from diffrestore.training.latent_sr import main
+
+    assert main(["decoder", "--data", str(tmp_path), "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: the decoder stage needs --vae (the trained autoencoder folder)"
 
 
 def test_latent_normalisation_is_exact():

@@ -375,7 +375,10 @@ def draw_image_grid(
     # +0.25 px: the canvas is int(inches * dpi) pixels, so float rounding cannot lose a pixel
     fig = Figure(figsize=((width + 0.25) / dpi, (height + 0.25) / dpi), dpi=dpi)
     if title:
-        fig.text(0.5, 1 - geo.MARGIN_PX / height, title, ha="center", va="top", fontsize=11)
+        # shrink a title wider than a narrow grid (one method: three columns) so it is not clipped;
+        # an average glyph is about 0.55 em wide, an em is fontsize * dpi / 72 px
+        fit = 0.95 * width / (0.55 * len(title) * dpi / 72)
+        fig.text(0.5, 1 - geo.MARGIN_PX / height, title, ha="center", va="top", fontsize=min(11.0, fit))
     for r, row in enumerate(cells):
         for c, img in enumerate(row):
             x0, y0, x1, y1 = geo.box(r, c)

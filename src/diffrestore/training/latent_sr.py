@@ -13,6 +13,9 @@ mean); lr = 4x4 block average of x (DDRM's sr4 operator), with Gaussian noise of
 ``cat([z_t, lr], 1)`` (latent first), LDM schedule (betas linear in sqrt from 0.0015 to 0.0155,
 1000 steps), uniform t, MSE on eps.
 
+Stage ``decoder`` (optional): fine-tune the decoder of a trained autoencoder with its encoder frozen, so
+every UNet trained on its latent space stays valid (:func:`train_decoder`).
+
 Launch / resume::
 
     PYTHONPATH=src nice -n 10 python -m diffrestore.training.latent_sr autoencoder --data /work/shared/data/train \\
@@ -352,7 +355,8 @@ def train_decoder(
     run_dir,
     *,
     vae_dir,
-    crop: int = 64,
+    crop: int = 96,
+    margin: int = 16,
     mse_weight: float = 1.0,
     encoded_sides=(256, 192),
     val_size: int = 32,
@@ -365,11 +369,15 @@ def train_decoder(
 
     Why: the encoder defines the latent space a UNet was trained in; keeping it bit-identical keeps every
     UNet trained on it valid, while a better decoder lifts what every latent method can reach. The photos
-    are encoded once, whole (:class:`EncodedPhotos`), so a step costs the decoder only.
+    are encoded once, whole (:class:`EncodedPhotos`), so a step costs the decoder only. The loss skips a
+    ``margin`` of pixels on each side: a latent crop decoded without its neighbours is wrong near its
+    edges in a way a whole-image decode never is, and fitting those edges costs the interior (measured
+    with the loss on the whole crop: whole-image reconstruction 25.49 -> 25.17 dB on 20 evaluation photos
+    after 983 steps, while the crop loss fell 0.151 -> 0.114).
     Loop options: :class:`LoopOptions` (here warm-up 100, lr 1e-4 by default)."""
     loop = LoopOptions.resolve(loop, loop_options, warmup=100)
-    if crop % 4:
-        raise TrainingError(f"crop must be a multiple of 4, got {crop}")
+    if crop % 4 or crop <= 2 * margin:
+        raise TrainingError(f"crop must be a multiple of 4 larger than 2 x margin, got crop {crop}, margin {margin}")
     tr = Trainer(run_dir, loop)
     dev = tr.device
     frozen, vae_sha = load_frozen_vae(Path(vae_dir), dev)
@@ -377,7 +385,7 @@ def train_decoder(
     encoded = load_or_encode_photos(tr.run_dir, photos, frozen, vae_sha, encoded_sides, dev, loop.seed)
     del frozen
     model = tr.build_model(_decoder_finetune_model, {"vae_dir": str(vae_dir)})
-    options = tr.options(crop=crop, mse_weight=mse_weight, encoded_sides=[int(v) for v in encoded_sides])
+    options = tr.options(crop=crop, margin=margin, mse_weight=mse_weight, encoded_sides=[int(v) for v in encoded_sides])
     options["vae_sha256"] = vae_sha
     tr.log_start(options, stage="decoder", photos=len(photos))
     last_val: dict = {}
@@ -386,6 +394,8 @@ def train_decoder(
         model.train()
         x, z = (v.to(dev) for v in encoded.batch(loop.batch, crop, tr.np_rng))
         err = model.decode(z).sample - x
+        if margin:
+            err = err[..., margin:-margin, margin:-margin]
         return tr.optimize(i, err.abs().mean() + mse_weight * err.pow(2).mean())
 
     def checkpoint_fn(i: int, el: float):
@@ -400,7 +410,7 @@ def train_decoder(
             recipe = json.loads((Path(vae_dir) / "recipe.json").read_text()) if (Path(vae_dir) / "recipe.json").is_file() else {}
             recipe["decoder fine-tune"] = (
                 f"decoder + post_quant_conv only (encoder bit-identical to sha256 {vae_sha[:16]}..., so the latent "
-                f"space is unchanged), L1 + {mse_weight:g} * MSE of decode(posterior mean), "
+                f"space is unchanged), L1 + {mse_weight:g} * MSE of decode(posterior mean) inside a {margin}-px margin, "
                 f"{_recipe_data(len(photos), data_dir, loop, crop, None, encoded_sides)}, {_recipe_optimiser(loop)}, "
                 f"{i} steps, {fmt_hours(el)} on {tr.hardware}"
             )
@@ -720,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoded-sides", type=int_list, default=None,
                    help="(unet) encode the photos whole once at these short sides (e.g. 256,192) and crop latents")
     p.add_argument("--prediction", choices=["epsilon", "v_prediction"], default="epsilon", help="(unet) target")
+    p.add_argument("--margin", type=int, default=16, help="(decoder) pixels on each crop side left out of the loss")
     return p
 
 
@@ -735,7 +746,7 @@ def _train_from_args(a, kw: dict) -> dict:
             raise TrainingError("the decoder stage needs --vae (the trained autoencoder folder)")
         for name in ("channels", "layers_per_block", "norm_num_groups"):
             kw.pop(name, None)
-        kw.update(vae_dir=a.vae, mse_weight=a.mse_weight)
+        kw.update(vae_dir=a.vae, mse_weight=a.mse_weight, margin=a.margin)
         if a.encoded_sides is not None:
             kw["encoded_sides"] = a.encoded_sides
     else:

@@ -1,0 +1,38 @@
+"""The built-in priors that ship in the package load, and their networks give finite outputs of the
+right shape (a corrupt or half-copied model folder fails here, not in a user's first command)."""
+
+import pytest
+import torch
+
+from diffrestore.priors.catalog import list_builtin_priors
+from diffrestore.priors.loading import load_prior
+
+SHIPPED = list_builtin_priors()
+
+
+@pytest.mark.parametrize("info", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_prior_loads_and_runs(info):
+    prior = load_prior(f"builtin:{info.name}", kind=info.kind)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if info.kind == "pixel":
+            x = torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1
+            out = prior.eps(x, torch.tensor([500]))
+        else:
+            x = torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1
+            z = prior.encode(x)
+            assert z.shape == (1, prior.latent_channels, 8, 8)
+            out = prior.eps(z, torch.tensor([500]), x[:, :, ::4, ::4])
+            assert prior.decode(z).shape == x.shape
+    assert out.shape[1:] == (x if info.kind == "pixel" else z).shape[1:]
+    assert torch.isfinite(out).all()
+
+
+def test_fast_latent_prior_is_v_prediction_on_the_same_autoencoder():
+    names = {p.name for p in SHIPPED}
+    if not {"ldmsr-s", "ldmsr-xs"} <= names:
+        pytest.skip("ldmsr-s / ldmsr-xs not shipped")
+    s, xs = load_prior("builtin:ldmsr-s", kind="latent"), load_prior("builtin:ldmsr-xs", kind="latent")
+    assert (s.prediction_type, xs.prediction_type) == ("epsilon", "v_prediction")
+    for (k, a), (k2, b) in zip(s.first_stage.state_dict().items(), xs.first_stage.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
