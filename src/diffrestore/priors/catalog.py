@@ -29,7 +29,7 @@ SPEC_FORMATS: tuple[tuple[str, str], ...] = (
      "(FILE.yaml or config.yaml)"),
     ("FOLDER with model_index.json",
      "diffusers latent SR folder in the CompVis/ldm-super-resolution-4x-openimages layout: unet/, vqvae/ "
-     "(or vae/), scheduler/"),
+     "(or vae/), scheduler/ (prediction_type epsilon or v_prediction)"),
     ("builtin:NAME",
      "a built-in prior: the folder src/diffrestore/priors/builtin/NAME/ (listed by `diffrestore priors`)"),
 )  # fmt: skip
