@@ -34,5 +34,5 @@ def test_fast_latent_prior_is_v_prediction_on_the_same_autoencoder():
         pytest.skip("ldmsr-s / ldmsr-xs not shipped")
     s, xs = load_prior("builtin:ldmsr-s", kind="latent"), load_prior("builtin:ldmsr-xs", kind="latent")
     assert (s.prediction_type, xs.prediction_type) == ("epsilon", "v_prediction")
-    for (k, a), (k2, b) in zip(s.first_stage.state_dict().items(), xs.first_stage.state_dict().items()):
-        assert k == k2 and torch.equal(a, b)
+    a, b = s.first_stage.state_dict(), xs.first_stage.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

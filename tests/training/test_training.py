@@ -237,6 +237,11 @@ def test_decoder_stage_without_vae_is_a_one_line_error(tmp_path, capsys):
     assert main(["decoder", "--data", str(tmp_path), "--run", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: the decoder stage needs --vae (the trained autoencoder folder)"
+    args = ["decoder", "--data", str(tmp_path), "--run", str(tmp_path / "run"), "--vae", str(tmp_path), "--channels", "8,16"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: the decoder stage keeps the autoencoder's architecture: drop --channels"
+    assert not (tmp_path / "run").exists()
 
 
 def test_latent_normalisation_is_exact():

@@ -120,6 +120,10 @@ def scheduler_alphas_cumprod(
     return alphas_cumprod_from_betas(betas)
 
 
+#: the network targets a latent prior may have (``LatentSRPrior.eps`` converts v-prediction)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 def eps_from_v(v: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """Epsilon from a v-prediction: with ``x_t = sqrt(a) x0 + sqrt(1-a) eps`` and ``v = sqrt(a) eps -
     sqrt(1-a) x0`` (Salimans & Ho 2022), ``eps = sqrt(a) v + sqrt(1-a) x_t``."""
@@ -173,14 +177,14 @@ class LatentSRPrior(_ScheduledPrior):
     latent_channels: int = 3
     #: latent sides must be multiples of this (the latent UNet's total downsampling)
     multiple_of: int = 1
+    #: what the network predicts, one of ``PREDICTION_TYPES``
+    prediction_type: str = "epsilon"
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    prediction_type: str = "epsilon"
 
     def eps(self, z_t: torch.Tensor, t: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

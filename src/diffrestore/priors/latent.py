@@ -26,10 +26,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DModel, VQModel
 
 from ._files import from_pretrained, read_json, resolve_dtype
-from .base import LatentSRPrior, PriorLoadError, ldm_alphas_cumprod, scheduler_alphas_cumprod
-
-#: the network targets a latent SR folder may declare (``eps`` converts v-prediction)
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from .base import PREDICTION_TYPES, LatentSRPrior, PriorLoadError, ldm_alphas_cumprod, scheduler_alphas_cumprod
 
 __all__ = ["DiffusersLatentSRPrior", "check_latent_sr", "latent_channels_of", "ldm_alphas_cumprod",
            "load_diffusers_latent_sr"]

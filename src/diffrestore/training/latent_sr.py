@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import atomic_path, atomic_write_bytes
-from ..priors.base import alphas_cumprod_from_betas, eps_from_v
+from ..priors.base import PREDICTION_TYPES, alphas_cumprod_from_betas, eps_from_v
 from .common import (
     LoopOptions,
     Trainer,
@@ -597,15 +597,18 @@ def train_latent_unet(
     loop: LoopOptions | None = None,
     **loop_options,
 ) -> dict:
-    """Stage 2. ``encoded_sides`` (e.g. ``(256, 192)``): train on crops of whole photos encoded once at
-    these short sides (:class:`EncodedPhotos`) instead of encoding random rescaled crops at every step.
-    ``prediction``: "epsilon" or "v_prediction" (the network's target; written to the scheduler config). Reads the frozen autoencoder from ``vae_dir`` (default ``out_dir/vae``); exports the EMA
-    UNet (fp16) to ``out_dir/unet`` at each checkpoint. Loop options: :class:`LoopOptions`."""
+    """Stage 2. Reads the frozen autoencoder from ``vae_dir`` (default ``out_dir/vae``); exports the EMA
+    UNet (fp16) to ``out_dir/unet`` at each checkpoint. Loop options: :class:`LoopOptions`.
+
+    ``encoded_sides`` (e.g. ``(256, 192)``): train on crops of whole photos encoded once at these short
+    sides (:class:`EncodedPhotos`) instead of encoding random rescaled crops at every step.
+    ``prediction``: "epsilon" or "v_prediction" (the network's target; written to the scheduler config).
+    """
     loop = LoopOptions.resolve(loop, loop_options)
     if crop % 4:
         raise TrainingError(f"crop must be a multiple of 4, got {crop}")
-    if prediction not in ("epsilon", "v_prediction"):
-        raise TrainingError(f"prediction must be epsilon or v_prediction, got {prediction!r}")
+    if prediction not in PREDICTION_TYPES:
+        raise TrainingError(f"prediction must be {' or '.join(PREDICTION_TYPES)}, got {prediction!r}")
     if encoded_sides is not None and min(encoded_sides) < crop:
         raise TrainingError(f"encoded short sides {list(encoded_sides)} must be >= the crop {crop}")
     tr = Trainer(run_dir, loop)
@@ -669,7 +672,8 @@ def train_latent_unet(
             save_diffusers_fp16(tr.ema.model, out / "unet")
             _sync_vae(Path(vae_dir), out / "vae", vae_sha)
             recipe = {
-                "class": f"UNet2DModel, {prediction} ({'eps' if prediction == 'epsilon' else 'v'}) prediction, input cat([z_t, lr], 1) (latent first), "
+                "class": f"UNet2DModel, {'eps' if prediction == 'epsilon' else 'v'} prediction, input cat([z_t, lr], 1) "
+                "(latent first), "
                 + ("mid-block attention" if model_cfg["attention"] else "no attention"),
                 "architecture": f"block_out_channels {tuple(model_cfg['block_out_channels'])}, layers_per_block "
                 f"{model_cfg['layers_per_block']}, norm groups {model_cfg['norm_num_groups']}, scale_shift",
@@ -729,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", action="store_true", help="(unet) mid-block attention")
     p.add_argument("--encoded-sides", type=int_list, default=None,
                    help="(unet) encode the photos whole once at these short sides (e.g. 256,192) and crop latents")
-    p.add_argument("--prediction", choices=["epsilon", "v_prediction"], default="epsilon", help="(unet) target")
+    p.add_argument("--prediction", choices=PREDICTION_TYPES, default="epsilon", help="(unet) target")
     p.add_argument("--margin", type=int, default=16, help="(decoder) pixels on each crop side left out of the loss")
     return p
 
@@ -744,8 +748,10 @@ def _train_from_args(a, kw: dict) -> dict:
     elif a.stage == "decoder":
         if a.vae is None:
             raise TrainingError("the decoder stage needs --vae (the trained autoencoder folder)")
-        for name in ("channels", "layers_per_block", "norm_num_groups"):
-            kw.pop(name, None)
+        flags = {"channels": "--channels", "layers_per_block": "--layers-per-block", "norm_num_groups": "--norm-groups"}
+        given = [flag for name, flag in flags.items() if name in kw]
+        if given:
+            raise TrainingError(f"the decoder stage keeps the autoencoder's architecture: drop {', '.join(given)}")
         kw.update(vae_dir=a.vae, mse_weight=a.mse_weight, margin=a.margin)
         if a.encoded_sides is not None:
             kw["encoded_sides"] = a.encoded_sides
