@@ -9,8 +9,11 @@ Two ratios are printed:
   (SRLDM's one-off decode and DDRM's one-off SVD set-up cancel out);
 * whole restore at ``S2`` steps, decode included.
 
+Each ratio is printed for eager networks and for frozen TorchScript graphs (``priors.frozen``; both
+priors frozen alike, graphs traced during the warm-up), each method against DDRM in the same mode.
+
     PYTHONPATH=src python bench/latent_speed.py --pixel-prior builtin:pixel-s \
-        --latent-prior builtin:ldmsr-xs [--steps 10,50] [--repeats 3] [--threads 1]
+        --latent-prior builtin:ldmsr-xs [--steps 10,50] [--repeats 3] [--threads 1] [--modes eager,frozen]
 """
 
 from __future__ import annotations
@@ -44,36 +47,45 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--modes", default="eager,frozen", help="network modes to time: eager, frozen or both")
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    if not modes or not set(modes) <= {"eager", "frozen"}:
+        ap.error(f"--modes {args.modes!r}: choose from eager, frozen")
     s1, s2 = (int(v) for v in args.steps.split(","))
     torch.set_num_threads(args.threads)
 
-    priors = {"ddrm": load_prior(args.pixel_prior, kind="pixel"), "srldm": load_prior(args.latent_prior, kind="latent")}
+    specs = {"ddrm": (args.pixel_prior, "pixel"), "srldm": (args.latent_prior, "latent")}
+    priors = {(m, mode): load_prior(spec, kind=kind).use_frozen_graphs(mode == "frozen")
+              for mode in modes for m, (spec, kind) in specs.items()}  # fmt: skip
     task = make_task("sr4", (3, args.size, args.size))
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, args.size, args.size, generator=gen) * 2 - 1
     y = task.operator.H(x)
 
-    def run(name: str, steps: int):
-        restore = get_method(name).restore
+    def run(key: tuple[str, str], steps: int):
+        restore = get_method(key[0]).restore
         with torch.no_grad():
-            restore(priors[name], task.operator, y, sigma_y=0.0, steps=steps, generator=torch.Generator().manual_seed(1))
+            restore(priors[key], task.operator, y, sigma_y=0.0, steps=steps, generator=torch.Generator().manual_seed(1))
 
-    for name in priors:  # warm-up
-        run(name, 2)
-    times = {(m, s): [] for m in priors for s in (s1, s2)}
+    for key in priors:  # warm-up (traces the frozen graphs)
+        run(key, 2)
+    times = {(key, s): [] for key in priors for s in (s1, s2)}
     for _ in range(args.repeats):
         for s in (s1, s2):
-            for m in priors:
-                times[(m, s)].append(timed(lambda: run(m, s)))
+            for key in priors:
+                times[(key, s)].append(timed(lambda: run(key, s)))
     med = {k: statistics.median(v) for k, v in times.items()}
-    per_step = {m: (med[(m, s2)] - med[(m, s1)]) / (s2 - s1) for m in priors}
+    per_step = {key: (med[(key, s2)] - med[(key, s1)]) / (s2 - s1) for key in priors}
     print(f"sr4 {args.size}x{args.size}, {args.threads} thread(s), median of {args.repeats}; pixel {args.pixel_prior}, "
           f"latent {args.latent_prior}")
-    for m in priors:
-        print(f"  {m:6s} {s1} steps {med[(m, s1)]:7.3f} s   {s2} steps {med[(m, s2)]:7.3f} s   per step {per_step[m] * 1e3:7.1f} ms")
-    print(f"  SRLDM speed-up per step: {per_step['ddrm'] / per_step['srldm']:.1f}x; "
-          f"whole restore at {s2} steps: {med[('ddrm', s2)] / med[('srldm', s2)]:.1f}x")
+    for key in priors:
+        print(f"  {key[0]:6s} {key[1]:6s} {s1} steps {med[(key, s1)]:7.3f} s   {s2} steps {med[(key, s2)]:7.3f} s   "
+              f"per step {per_step[key] * 1e3:7.1f} ms")
+    for mode in modes:
+        ddrm, srldm = ("ddrm", mode), ("srldm", mode)
+        print(f"  {mode}: SRLDM speed-up per step {per_step[ddrm] / per_step[srldm]:.1f}x; "
+              f"whole restore at {s2} steps {med[(ddrm, s2)] / med[(srldm, s2)]:.1f}x")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,20 @@ def test_restore_degrade_latent_methods(tmp_path, photo, ldm, method, task):
         assert rec["consistency_raw"] < 1e-3 * max(1.0, rec["baseline_consistency"])
 
 
+@pytest.mark.parametrize("method,prior", [("ddrm", "adm"), ("srldm", "ldm")])
+def test_frozen_graphs_restore_the_same(tmp_path, photo, adm, ldm, method, prior):
+    """``--frozen-graphs`` changes the speed, not the result (float rounding only; random-weight priors)."""
+    images = []
+    for flag in ([], ["--frozen-graphs"]):
+        out = tmp_path / f"out{len(flag)}"
+        assert main(["restore", str(photo), "--task", "noisy-sr4", "--method", method, "--prior",
+                     {"adm": adm, "ldm": ldm}[prior], "--steps", "4", "--out", str(out), "--degrade",
+                     "--no-progress", *flag]) == 0
+        images.append(read_image(out / f"photo_noisy-sr4_{method}.png"))
+    diff = (images[0] - images[1]).abs()
+    assert diff.max() <= 2 / 255 and diff.mean() <= 1e-3
+
+
 @pytest.mark.parametrize("method,prior", [("srldm", "adm"), ("ddrm", "ldm")])
 def test_prior_kind_mismatch_is_one_line_error(tmp_path, photo, adm, ldm, method, prior, capsys):
     out = tmp_path / "out"

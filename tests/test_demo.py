@@ -254,3 +254,21 @@ def test_a_failed_run_leaves_no_partial_output(tmp_path, capsys, builtins, monke
     assert rc == 2 and calls == [1]
     assert capsys.readouterr().err.endswith("diffrestore: error: ddrm produced non-finite values\n")
     assert not out.exists()
+
+
+def test_frozen_graphs_give_the_same_metrics_and_are_recorded(tmp_path, priors, capsys):
+    """``--frozen-graphs`` changes the speed only: same PSNR/SSIM to float rounding; the summary says it was on."""
+    summaries = []
+    for flag in ([], ["--frozen-graphs"]):
+        out = tmp_path / f"out{len(flag)}"
+        rc = cli.main(["demo", "--out", str(out), "--images", "1", "--size", "64", "--tasks", "noisy-sr4", "--methods",
+                       "ddrm,srldm", "--steps", "2", "--pixel-prior", priors["pixel"], "--latent-prior", priors["latent"],
+                       "--device", "cpu", "--no-progress", *flag])  # fmt: skip
+        assert rc == 0, capsys.readouterr().err
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    assert [s["settings"]["frozen_graphs"] for s in summaries] == [False, True]
+    plain, frozen = ({(r["method"], r["task"]): r for r in s["table"]} for s in summaries)
+    assert plain.keys() == frozen.keys() and len(plain) == 3  # baseline, ddrm, srldm
+    for key, row in plain.items():
+        assert frozen[key]["psnr"] == pytest.approx(row["psnr"], abs=0.02), key
+        assert frozen[key]["ssim"] == pytest.approx(row["ssim"], abs=1e-3), key

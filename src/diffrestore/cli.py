@@ -28,13 +28,18 @@ class CLIError(Exception):
 
 
 def _add_run_options(p) -> None:
-    """``--adm-config``, ``--device`` and ``--no-progress`` (restore, evaluate, demo)."""
+    """``--adm-config``, ``--device``, ``--frozen-graphs`` and ``--no-progress`` (restore, evaluate, demo)."""
     p.add_argument(
         "--adm-config", default=None, metavar="JSON",
         help="hyper-parameters of an ADM checkpoint that its weights do not give (the head width), as a JSON "
         "object or a .json file, e.g. '{\"num_head_channels\": 64}'; other priors ignore it",
     )  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--frozen-graphs", action="store_true",
+        help="run the networks as frozen TorchScript graphs, traced once per input size: ~10-15%% faster for "
+        "small networks on a CPU (bench/latent_speed.py)",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -126,7 +131,7 @@ def cmd_restore(args) -> int:
     out = Path(args.out)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     with io.writing_into(out) as written:
-        prior = load_prior(args.prior, device=args.device, dtype=dtype, adm_config=adm_config)
+        prior = load_prior(args.prior, device=args.device, dtype=dtype, adm_config=adm_config, frozen_graphs=args.frozen_graphs)
         kind = "latent" if hasattr(prior, "encode") else "pixel"
         if kind != info.prior:
             raise CLIError(f"method {info.name} needs a {info.prior} prior, but {args.prior} is a {kind} prior")
@@ -263,6 +268,7 @@ def cmd_evaluate(args) -> int:
         adm_config=parse_adm_config(args.adm_config),
         device=args.device,
         dtype=args.dtype,
+        frozen_graphs=args.frozen_graphs or None,
         batch_size=args.batch_size,
         save_images=args.save_images,
         nproc=args.nproc,
@@ -349,6 +355,7 @@ def cmd_demo(args) -> int:
         adm_config=parse_adm_config(args.adm_config),
         seed=args.seed,
         device=args.device,
+        frozen_graphs=args.frozen_graphs,
         progress=not args.no_progress,
     )
     if args.threads is not None and args.threads < 1:

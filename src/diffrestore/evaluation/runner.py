@@ -168,11 +168,14 @@ def make_task(name: str, size: int):
     return _import("diffrestore.operators.tasks", "the task registry").make_task(name, (3, size, size))
 
 
-def load_prior(spec: str, device: str, dtype: str, kind: str, adm_config: dict | None = None):
+def load_prior(spec: str, device: str, dtype: str, kind: str, adm_config: dict | None = None, frozen_graphs: bool = False):
     """A ``kind`` ("pixel" / "latent") prior from a spec (path or builtin:NAME); dtype fp32/fp16/bf16;
-    ``adm_config``: ADM hyper-parameters an ADM checkpoint does not store (``--adm-config``)."""
+    ``adm_config``: ADM hyper-parameters an ADM checkpoint does not store (``--adm-config``);
+    ``frozen_graphs``: run its network as frozen TorchScript graphs (``--frozen-graphs``)."""
     loading = _import("diffrestore.priors.loading", "prior loading")
-    return loading.load_prior(spec, device=device, dtype=dtype, kind=kind, adm_config=adm_config)
+    return loading.load_prior(
+        spec, device=device, dtype=dtype, kind=kind, adm_config=adm_config, frozen_graphs=frozen_graphs
+    )
 
 
 _LPIPS_STATE: dict = {}
@@ -240,6 +243,7 @@ class EvalSpec:
     adm_config: dict | None = None  # ADM hyper-parameters for the pixel prior (--adm-config)
     device: str = "cpu"
     dtype: str | None = None
+    frozen_graphs: bool | None = None  # None: as the run recorded (default off)
     batch_size: int = 1
     save_images: bool = False
     nproc: int = 1
@@ -431,6 +435,8 @@ def prepare(spec: EvalSpec) -> Plan:
     adm_config = spec.adm_config if spec.adm_config is not None else o_set.get("adm_config")
     if adm_config is not None:  # recorded only when given (configs written before the option stay valid)
         settings["adm_config"] = adm_config
+    if pick(spec.frozen_graphs, "frozen_graphs", False):  # recorded only when on, like adm_config
+        settings["frozen_graphs"] = True
     diffs = []
     if old:
         o_set.setdefault("first", False)  # runs recorded before --first existed used a random subset
@@ -439,6 +445,8 @@ def prepare(spec: EvalSpec) -> Plan:
                 diffs.append(f"{key.replace('_', ' ')} {o_set.get(key)} -> {settings[key]}")
         if o_set.get("adm_config") != settings.get("adm_config") and o_set.get("pixel_prior") is not None:
             diffs.append(f"adm config {o_set.get('adm_config')} -> {settings.get('adm_config')}")
+        if o_set.get("frozen_graphs", False) != settings.get("frozen_graphs", False):
+            diffs.append(f"frozen graphs {o_set.get('frozen_graphs', False)} -> {settings.get('frozen_graphs', False)}")
         if not diffs and o_set.get("files_sha256") != settings["files_sha256"]:
             diffs.append("the chosen images differ (the data folder's contents changed)")
 
@@ -688,7 +696,10 @@ class _Resources:
             spec = self.plan.settings[f"{kind}_prior"]
             adm = self.plan.settings.get("adm_config") if kind == "pixel" else None
             args = (spec, self.plan.device, self.plan.settings["dtype"], kind)
-            prior = load_prior(*args, adm_config=adm) if adm else load_prior(*args)  # plugins' may not take it
+            extra = {"adm_config": adm} if adm else {}  # plugins' load_prior may take neither
+            if self.plan.settings.get("frozen_graphs"):
+                extra["frozen_graphs"] = True
+            prior = load_prior(*args, **extra)
             got = "latent" if hasattr(prior, "encode") else "pixel"
             if got != kind:
                 raise EvalError(f"--{kind}-prior {spec} is a {got} prior")
@@ -873,6 +884,7 @@ def measure_throughput(plan: Plan, res: _Resources) -> int:
                 "batch_size": plan.batch_size,
                 "device": plan.device,
                 "dtype": settings["dtype"],
+                "frozen_graphs": settings.get("frozen_graphs", False),
                 "seconds": seconds,
                 "samples_per_s": plan.batch_size / seconds if seconds > 0 else float("inf"),
             },

@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, UNet2DModel, VQModel
 
 from ._files import from_pretrained, read_json, resolve_dtype
 from .base import PREDICTION_TYPES, LatentSRPrior, PriorLoadError, ldm_alphas_cumprod, scheduler_alphas_cumprod
+from .frozen import FrozenUNetMixin
 
 __all__ = ["DiffusersLatentSRPrior", "check_latent_sr", "latent_channels_of", "ldm_alphas_cumprod",
            "load_diffusers_latent_sr"]
@@ -60,7 +61,7 @@ def check_latent_sr(unet, first_stage, where: str = "model") -> None:
         )
 
 
-class DiffusersLatentSRPrior(LatentSRPrior):
+class DiffusersLatentSRPrior(FrozenUNetMixin, LatentSRPrior):
     """LDM-style latent SR prior: ``eps(z_t, t, lr) = unet(cat([z_t, lr], 1), t)``.
 
     ``dtype`` (fp16/bf16) casts the two networks only; inputs are cast to it and every output comes back
@@ -132,7 +133,7 @@ class DiffusersLatentSRPrior(LatentSRPrior):
         if t.ndim == 0 or t.numel() == 1:
             t = t.reshape(1).expand(z_t.shape[0])
         inp = torch.cat([z_t, lr.to(z_t.dtype)], dim=1).to(self.unet.dtype)
-        return self.eps_from_output(self.unet(inp, t).sample, z_t, t).to(z_t.dtype)
+        return self.eps_from_output(self.unet_sample(inp, t), z_t, t).to(z_t.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

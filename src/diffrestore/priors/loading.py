@@ -45,6 +45,7 @@ def load_prior(
     dtype: torch.dtype | str | None = None,
     kind: str | None = None,
     adm_config: Mapping[str, Any] | None = None,
+    frozen_graphs: bool = False,
 ) -> PixelPrior | LatentSRPrior:
     """Load a prior from a path or ``builtin:NAME``.
 
@@ -56,6 +57,8 @@ def load_prior(
         kind: ``"pixel"`` or ``"latent"`` to insist on one kind (a mismatch raises ``PriorLoadError``).
         adm_config: ADM hyper-parameters overriding what is inferred from an ADM checkpoint's weights
             (e.g. ``{"num_head_channels": 32}``; the CLI's ``--adm-config``).
+        frozen_graphs: run the network as frozen TorchScript graphs (``priors.frozen``; the CLI's
+            ``--frozen-graphs``): faster for small networks on a CPU, traced once per input size.
     """
     if kind not in _KINDS:
         raise PriorLoadError(f"unknown prior kind {kind!r}; use 'pixel' or 'latent'")
@@ -64,9 +67,9 @@ def load_prior(
     path = resolve_spec(spec)
     if not path.exists():
         raise PriorLoadError(f"{path}: no such file or folder")
-    if path.is_dir():
-        return _load_folder(path, device=device, dtype=dtype, kind=kind, adm_overrides=adm_config)
-    return _load_file(path, device=device, dtype=dtype, kind=kind, adm_overrides=adm_config)
+    load = _load_folder if path.is_dir() else _load_file
+    prior = load(path, device=device, dtype=dtype, kind=kind, adm_overrides=adm_config)
+    return prior.use_frozen_graphs() if frozen_graphs else prior
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 from diffusers import UNet2DModel
 
 from diffrestore.priors.base import PixelPrior, adm_alphas_cumprod
+from diffrestore.priors.frozen import FrozenUNetMixin
 
 __all__ = ["UNetPixelPrior", "num_downsamplings"]
 
@@ -15,7 +16,7 @@ def num_downsamplings(unet: UNet2DModel) -> int:
     return sum(1 for b in unet.down_blocks if getattr(b, "downsamplers", None) is not None)
 
 
-class UNetPixelPrior(PixelPrior):
+class UNetPixelPrior(FrozenUNetMixin, PixelPrior):
     """``eps(x_t, t)`` from a ``UNet2DModel`` that predicts noise (learned-sigma channels are dropped).
 
     Args:
@@ -81,7 +82,7 @@ class UNetPixelPrior(PixelPrior):
             raise ValueError(f"t has {t.numel()} entries for a batch of {b}")
         labels = self._labels(b, dev, class_labels)
         with torch.inference_mode():
-            out = self.unet(x_t.to(dev, self.dtype), t, class_labels=labels, return_dict=False)[0]
+            out = self.unet_sample(x_t.to(dev, self.dtype), t, labels)
         # a fresh tensor made outside inference mode, so callers may use it in autograd-recorded code
         return out.to(torch.float32, copy=True)
 

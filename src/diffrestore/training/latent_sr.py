@@ -52,6 +52,7 @@ from .common import (
     int_list,
     param_count,
     psnr,
+    resolve_device,
     save_diffusers_fp16,
     unet2d,
 )
@@ -349,6 +350,16 @@ def _decoder_finetune_model(vae_dir: str):
     return vae
 
 
+def _lpips_or_error(device):
+    """The differentiable LPIPS-AlexNet module, or a one-line TrainingError saying how to install it."""
+    from diffrestore.evaluation.lpips import LPIPSUnavailable, load_lpips
+
+    try:
+        return load_lpips(str(device), "alex")
+    except LPIPSUnavailable as e:
+        raise TrainingError(f"--lpips-weight needs the LPIPS weights: {e}") from None
+
+
 def train_decoder(
     data_dir,
     out_dir,
@@ -358,6 +369,7 @@ def train_decoder(
     crop: int = 96,
     margin: int = 16,
     mse_weight: float = 1.0,
+    lpips_weight: float = 0.0,
     encoded_sides=(256, 192),
     val_size: int = 32,
     max_photos: int | None = None,
@@ -365,7 +377,8 @@ def train_decoder(
     **loop_options,
 ) -> dict:
     """Stage ``decoder``: fine-tune the decoder (and ``post_quant_conv``) of a trained autoencoder with its
-    encoder frozen, on L1 + MSE of ``decode(encode(x))`` (posterior mean, the latent every method decodes).
+    encoder frozen, on L1 + MSE (+ ``lpips_weight`` x LPIPS-AlexNet, for sharper texture than a pixel loss
+    asks for) of ``decode(encode(x))`` (posterior mean, the latent every method decodes).
 
     Why: the encoder defines the latent space a UNet was trained in; keeping it bit-identical keeps every
     UNet trained on it valid, while a better decoder lifts what every latent method can reach. The photos
@@ -378,6 +391,9 @@ def train_decoder(
     loop = LoopOptions.resolve(loop, loop_options, warmup=100)
     if crop % 4 or crop <= 2 * margin:
         raise TrainingError(f"crop must be a multiple of 4 larger than 2 x margin, got crop {crop}, margin {margin}")
+    if lpips_weight < 0:
+        raise TrainingError(f"--lpips-weight must be >= 0, got {lpips_weight}")
+    perceptual = _lpips_or_error(resolve_device(loop.device)) if lpips_weight > 0 else None  # before the run folder
     tr = Trainer(run_dir, loop)
     dev = tr.device
     frozen, vae_sha = load_frozen_vae(Path(vae_dir), dev)
@@ -385,7 +401,8 @@ def train_decoder(
     encoded = load_or_encode_photos(tr.run_dir, photos, frozen, vae_sha, encoded_sides, dev, loop.seed)
     del frozen
     model = tr.build_model(_decoder_finetune_model, {"vae_dir": str(vae_dir)})
-    options = tr.options(crop=crop, margin=margin, mse_weight=mse_weight, encoded_sides=[int(v) for v in encoded_sides])
+    options = tr.options(crop=crop, margin=margin, mse_weight=mse_weight, lpips_weight=lpips_weight,
+                         encoded_sides=[int(v) for v in encoded_sides])  # fmt: skip
     options["vae_sha256"] = vae_sha
     tr.log_start(options, stage="decoder", photos=len(photos))
     last_val: dict = {}
@@ -393,10 +410,14 @@ def train_decoder(
     def step_fn(i: int):
         model.train()
         x, z = (v.to(dev) for v in encoded.batch(loop.batch, crop, tr.np_rng))
-        err = model.decode(z).sample - x
+        recon = model.decode(z).sample
         if margin:
-            err = err[..., margin:-margin, margin:-margin]
-        return tr.optimize(i, err.abs().mean() + mse_weight * err.pow(2).mean())
+            recon, x = (v[..., margin:-margin, margin:-margin] for v in (recon, x))
+        err = recon - x
+        loss = err.abs().mean() + mse_weight * err.pow(2).mean()
+        if perceptual is not None:
+            loss = loss + lpips_weight * perceptual(recon.clamp(-1, 1), x).mean()
+        return tr.optimize(i, loss)
 
     def checkpoint_fn(i: int, el: float):
         tr.save(i, el, "decoder", options, vae_sha256=vae_sha)
@@ -410,7 +431,8 @@ def train_decoder(
             recipe = json.loads((Path(vae_dir) / "recipe.json").read_text()) if (Path(vae_dir) / "recipe.json").is_file() else {}
             recipe["decoder fine-tune"] = (
                 f"decoder + post_quant_conv only (encoder bit-identical to sha256 {vae_sha[:16]}..., so the latent "
-                f"space is unchanged), L1 + {mse_weight:g} * MSE of decode(posterior mean) inside a {margin}-px margin, "
+                f"space is unchanged), L1 + {mse_weight:g} * MSE{f' + {lpips_weight:g} * LPIPS-AlexNet' if lpips_weight else ''} "
+                f"of decode(posterior mean) inside a {margin}-px margin, "
                 f"{_recipe_data(len(photos), data_dir, loop, crop, None, encoded_sides)}, {_recipe_optimiser(loop)}, "
                 f"{i} steps, {fmt_hours(el)} on {tr.hardware}"
             )
@@ -735,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(unet) encode the photos whole once at these short sides (e.g. 256,192) and crop latents")
     p.add_argument("--prediction", choices=PREDICTION_TYPES, default="epsilon", help="(unet) target")
     p.add_argument("--margin", type=int, default=16, help="(decoder) pixels on each crop side left out of the loss")
+    p.add_argument("--lpips-weight", type=float, default=0.0, help="(decoder) weight of an LPIPS-AlexNet loss term")
     return p
 
 
@@ -752,7 +775,7 @@ def _train_from_args(a, kw: dict) -> dict:
         given = [flag for name, flag in flags.items() if name in kw]
         if given:
             raise TrainingError(f"the decoder stage keeps the autoencoder's architecture: drop {', '.join(given)}")
-        kw.update(vae_dir=a.vae, mse_weight=a.mse_weight, margin=a.margin)
+        kw.update(vae_dir=a.vae, mse_weight=a.mse_weight, margin=a.margin, lpips_weight=a.lpips_weight)
         if a.encoded_sides is not None:
             kw["encoded_sides"] = a.encoded_sides
     else:
