@@ -11,6 +11,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ def reference(data, tmp_path_factory) -> Path:
     return run
 
 
-def _subprocess(args, **env):
+def _subprocess(args, preexec_fn=None, **env):
     return subprocess.Popen(
         [sys.executable, "-m", "diffrestore", *args],
         cwd=fx.ROOT,
@@ -50,6 +51,7 @@ def _subprocess(args, **env):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -199,6 +201,29 @@ def test_nproc_2_gives_the_single_process_records_and_tables(reference, data, tm
     assert fx.results(run) == fx.results(reference)
     # images of both ranks' shares are where the records say
     assert all((run / r["image"]).is_file() for r in fx.records(run) if "image" in r)
+
+
+def test_killing_the_parent_of_nproc_workers_stops_them(data, tmp_path):
+    """``kill`` of ``evaluate --nproc 2`` (SIGKILL: no clean-up in the parent) must not leave its workers
+    computing: they get SIGTERM when their parent dies, so the records stop growing. Started as a shell
+    script starts a background job (``cmd &``), with SIGINT ignored: torch's own parent-death signal for
+    spawned workers is SIGINT, which such workers inherit as ignored and outlive their parent."""
+    run = tmp_path / "run"
+    proc = _subprocess(fx.evaluate_argv(data, run, "--nproc", "2"), FAKE_METHOD_SLEEP="0.15",
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    records = run / "records.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if records.exists() and records.read_bytes().count(b"\n") >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.kill()
+    proc.wait()
+    time.sleep(2)  # a live worker writes a record every ~0.15 s
+    done = records.read_bytes().count(b"\n")
+    time.sleep(2)
+    assert records.read_bytes().count(b"\n") == done < fx.N_RECORDS
 
 
 @pytest.mark.slow

@@ -98,7 +98,21 @@ def from_env() -> Dist:
     return Dist(rank, world, local)
 
 
-def _spawn_entry(rank: int, world: int, init_file: str, err_dir: str, fn, args) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process get SIGTERM when its parent dies (Linux), so a killed ``evaluate --nproc`` leaves
+    no workers behind computing into a run nobody reads; exit at once if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _spawn_entry(rank: int, world: int, init_file: str, err_dir: str, parent_pid: int, fn, args) -> None:
+    die_with_parent(parent_pid)
     try:
         torch.distributed.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT
@@ -134,7 +148,8 @@ def spawn(fn, nproc: int, *args) -> None:
         level = spawn_log.level
         spawn_log.setLevel(logging.ERROR)
         try:
-            mp.start_processes(_spawn_entry, args=(nproc, init_file, err_dir, fn, args), nprocs=nproc, join=True, start_method="spawn")
+            mp.start_processes(_spawn_entry, args=(nproc, init_file, err_dir, os.getpid(), fn, args), nprocs=nproc,
+                               join=True, start_method="spawn")  # fmt: skip
         except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
             died = e
         finally:
