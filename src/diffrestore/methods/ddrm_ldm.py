@@ -38,7 +38,18 @@ where a small latent UNet adds detail it gets wrong (``builtin:ldmsr-s``, sr4, e
 the perception–distortion knob: 0 for a full sample, 0.4 (default) for PSNR. On the first 100 photos
 (``evaluate --first 100``, 50 steps, bf16) stop 0.4 beat stop 0 in PSNR *and* FID: sr4 26.49 dB / FID
 89.1 against 25.12 / 103.4 (bicubic 26.28 / 106.7), noisy sr4 25.23 / 127.6 against 24.08 / 141.8
-(bicubic 25.28 / 139.2) — the late samples' detail was wrong enough to cost FID as well. The returned
+(bicubic 25.28 / 139.2) — the late samples' detail was wrong enough to cost FID as well.
+How high the best ``stop`` lies depends on how good the prior's clean estimate is at high noise. A
+v-prediction UNet (``builtin:ldmsr-xs``) predicts it directly; there it is close to the UNet's regression
+of ``z0`` on the conditioning, a posterior mean. An epsilon UNet (``ldmsr-s``) gets it by dividing out
+``sqrt(a_t)``, which multiplies its noise error by ``sqrt((1 - a_t) / a_t)`` (3.6 at t = 600). With
+``ldmsr-xs`` on held-out photos 100-115 (50 steps, bf16, PSNR over bicubic; ``start = stop + 0.2`` except
+the default pair 0.5 / 0.4): sr4 +0.55 / +0.62 / +0.72 at stop 0.4 / 0.5 / 0.6, noisy sr4 +0.33 / +0.38 /
++0.45 / +0.49 / +0.49 at stop 0.4 / 0.5 / 0.6 / 0.7 / 0.8. On the first 100, ``start 0.8, stop 0.6`` gave
+noisy sr4 25.31 dB / FID 126.7 against 25.23 / 126.9 with the default (bicubic 25.28 / 139.2; better on
+92 of the 100 photos) and sr4 26.62 / 90.5 against 26.49 / 91.0 (bicubic 26.28 / 106.7). With ``ldmsr-s``
+the same pair loses (held-out 100-107, noisy sr4: +0.07 against +0.23 with the default), so the defaults
+stay those of ``ldmsr-s``, the default prior; use ``start=0.8, stop=0.6`` with v-prediction priors. The returned
 ``x0c`` is blended with ``tau = rho`` (the estimate is a clean one, its diffusion noise term is gone;
 for ``stop`` = 0 the two differ by < 1%): on the same photos, noisy sr4, stop 0.4, that is 25.50 dB
 against 25.36 with ``tau_t`` (bicubic 25.21; 0.2 gave 25.38, 0.4 25.49).
