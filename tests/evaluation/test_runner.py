@@ -55,6 +55,18 @@ def _subprocess(args, preexec_fn=None, **env):
     )
 
 
+def _kill_after_records(proc, records: Path, n: int, timeout: float) -> None:
+    """SIGKILL ``proc`` (no clean-up of any kind) once ``records`` has ``n`` lines."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if records.exists() and records.read_bytes().count(b"\n") >= n:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.kill()
+    proc.wait()
+
+
 # --------------------------------------------------------------------------------------------
 # units
 # --------------------------------------------------------------------------------------------
@@ -170,14 +182,7 @@ def test_run_killed_midway_resumes_to_the_uninterrupted_result(reference, data, 
     argv = fx.evaluate_argv(data, run)
     proc = _subprocess(argv, FAKE_METHOD_SLEEP="0.15")
     records = run / "records.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if records.exists() and records.read_bytes().count(b"\n") >= 8:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.kill()  # SIGKILL: no clean-up of any kind
-    proc.wait()
+    _kill_after_records(proc, records, 8, timeout=60)
     done = records.read_bytes().count(b"\n")
     assert 8 <= done < fx.N_RECORDS
     assert not (run / "results.json").exists()
@@ -212,14 +217,7 @@ def test_killing_the_parent_of_nproc_workers_stops_them(data, tmp_path):
     proc = _subprocess(fx.evaluate_argv(data, run, "--nproc", "2"), FAKE_METHOD_SLEEP="0.15",
                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
     records = run / "records.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if records.exists() and records.read_bytes().count(b"\n") >= 4:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.kill()
-    proc.wait()
+    _kill_after_records(proc, records, 4, timeout=120)
     time.sleep(2)  # a live worker writes a record every ~0.15 s
     done = records.read_bytes().count(b"\n")
     time.sleep(2)
