@@ -11,7 +11,7 @@ the reconstruction's FID is what SRLDM would reach with a perfect UNet, so if it
 the bicubic baseline's, no latent UNet can make SRLDM beat bicubic in FID.
 
     python bench/autoencoder_cap.py --data ../shared/data/imagenet-sample-500 --first 100 \
-        --prior builtin:ldmsr-s [--fid]
+        --prior builtin:ldmsr-s [--fid] [--skip 100]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--first", type=int, default=100, help="the first N images in sorted order")
+    ap.add_argument("--skip", type=int, default=0, help="skip this many before them (e.g. 100: held-out photos)")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--prior", default="builtin:ldmsr-s")
     ap.add_argument("--fid", action="store_true", help="also the FID of each against the clean photos")
@@ -45,7 +46,7 @@ def main() -> None:
     A = task.operator
     sums = {"reconstruction D(E(x))": 0.0, "projected reconstruction (sr4)": 0.0, "bicubic baseline (sr4)": 0.0}
     feats: dict[str, list] = {key: [] for key in ("clean", *sums)}
-    files = find_images(args.data)[: args.first]
+    files = find_images(args.data)[args.skip : args.skip + args.first]
     with torch.no_grad():
         for f in tqdm(files, desc="images"):
             x = load_eval_image(f, args.size)[None]
