@@ -19,7 +19,11 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["FrozenGraphs", "FrozenUNetMixin", "UNetSample"]
+__all__ = ["FrozenGraphError", "FrozenGraphs", "FrozenUNetMixin", "UNetSample"]
+
+
+class FrozenGraphError(ValueError):
+    """A traced graph that does not reproduce its network (the CLI reports it in one line)."""
 
 
 class UNetSample(nn.Module):
@@ -40,7 +44,10 @@ def _signature(inputs: tuple[torch.Tensor, ...]) -> tuple:
 class FrozenGraphs:
     """Call ``module(*inputs)`` through a frozen graph traced for the inputs' signature."""
 
-    #: largest accepted difference between graph and eager network, relative to the output's scale
+    #: largest accepted difference between graph and eager network, relative to the output's scale;
+    #: at least 8 units in the last place of the output's dtype: a traced bf16 network rounds at other
+    #: places and its error grows through the layers (~2% of the output scale on the tiny golden LDM),
+    #: while a wrong trace (another branch, a baked-in value) is off by the order of the output itself
     tolerance = 1e-3
 
     def __init__(self, module: nn.Module):
@@ -65,9 +72,10 @@ class FrozenGraphs:
             got = graph(*inputs)
         err = float((got.float() - expected.float()).abs().max())
         scale = float(expected.float().abs().max()) or 1.0
-        if not err <= self.tolerance * scale:
-            raise RuntimeError(f"frozen graph differs from the network by {err:.3g} (scale {scale:.3g}); "
-                               "run without frozen graphs")  # fmt: skip
+        tolerance = max(self.tolerance, 8 * torch.finfo(expected.dtype).eps)
+        if not err <= tolerance * scale:
+            raise FrozenGraphError(f"frozen graph differs from the network by {err:.3g} (scale {scale:.3g}); "
+                                   "run without frozen graphs")  # fmt: skip
         return graph
 
 
