@@ -37,8 +37,8 @@ def _add_run_options(p) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--frozen-graphs", action="store_true",
-        help="run the networks as frozen TorchScript graphs, traced once per input size: ~10-15%% faster for "
-        "small networks on a CPU (bench/latent_speed.py)",
+        help="run the networks as frozen TorchScript graphs, traced once per input size: on a CPU 10-15%% faster "
+        "per call of a small latent UNet, a few %% per restoration step (bench/latent_speed.py)",
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
 
