@@ -59,7 +59,8 @@ def main() -> None:
                     feats[key].append(inception_features(out.clamp(-1, 1), extractor=extractor))
             if extractor is not None:
                 feats["clean"].append(inception_features(x, extractor=extractor))
-    print(f"{args.prior}, first {len(files)} images of {args.data} at {args.size}x{args.size}:")
+    which = f"first {len(files)}" if args.skip == 0 else f"{len(files)} (sorted {args.skip}-{args.skip + len(files) - 1})"
+    print(f"{args.prior}, {which} images of {args.data} at {args.size}x{args.size}:")
     for key, total in sums.items():
         fid = f"   FID {fid_from_features(np.concatenate(feats['clean']), np.concatenate(feats[key])):6.1f}" if extractor else ""
         print(f"  {key:32s} {total / len(files):6.2f} dB{fid}")
