@@ -3,9 +3,9 @@
 Why: a small network spends a large share of each call outside its convolutions — Python dispatch in
 diffusers' forward, weight re-layout before every oneDNN convolution, separate element-wise kernels. A
 graph traced once, frozen (weights become constants) and passed through ``torch.jit.optimize_for_inference``
-(pre-packed oneDNN weights, fused conv + add/activation on CPU) removes most of that. It pays off for the
-small latent UNets at 64x64 (~10-15% per call on one CPU thread) and hardly for the big pixel UNet,
-whose convolutions dominate; ``bench/latent_speed.py --frozen`` measures both side by side.
+(pre-packed oneDNN weights, fused conv + add/activation on CPU) removes some of that: 10-15% per call of
+the small latent UNets at 64x64 on one CPU thread, a few percent per restoration step of SRLDM and DDRM
+(``bench/latent_speed.py`` times eager and frozen networks side by side).
 
 A graph is traced per input signature (shapes, dtypes, device), because diffusers' forward takes Python
 branches on shapes; the first call with a new signature traces it (about a second for the small priors)
