@@ -25,3 +25,19 @@ torch.set_num_threads(1)
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def frozen_traces(monkeypatch) -> list:
+    """Every graph ``priors.frozen`` traces in the test, as (module class name, number of inputs)."""
+    from diffrestore.priors.frozen import FrozenGraphs
+
+    traces = []
+    freeze = FrozenGraphs._freeze
+
+    def recording_freeze(self, inputs):
+        traces.append((type(self.module).__name__, len(inputs)))
+        return freeze(self, inputs)
+
+    monkeypatch.setattr(FrozenGraphs, "_freeze", recording_freeze)
+    return traces

@@ -256,9 +256,10 @@ def test_a_failed_run_leaves_no_partial_output(tmp_path, capsys, builtins, monke
     assert not out.exists()
 
 
-def test_frozen_graphs_give_the_same_metrics_and_are_recorded(tmp_path, priors, capsys):
-    """``--frozen-graphs`` changes the speed only: same PSNR/SSIM to float rounding; the summary says it was on."""
-    summaries = []
+def test_frozen_graphs_give_the_same_metrics_and_are_recorded(tmp_path, priors, capsys, frozen_traces):
+    """``--frozen-graphs`` changes the speed only: same PSNR/SSIM to float rounding; the summary says it was on,
+    and both priors' UNets ran as graphs (traced only with the flag)."""
+    summaries, traced = [], []
     for flag in ([], ["--frozen-graphs"]):
         out = tmp_path / f"out{len(flag)}"
         rc = cli.main(["demo", "--out", str(out), "--images", "1", "--size", "64", "--tasks", "noisy-sr4", "--methods",
@@ -266,6 +267,8 @@ def test_frozen_graphs_give_the_same_metrics_and_are_recorded(tmp_path, priors, 
                        "--device", "cpu", "--no-progress", *flag])  # fmt: skip
         assert rc == 0, capsys.readouterr().err
         summaries.append(json.loads((out / "summary.json").read_text()))
+        traced.append(len(frozen_traces))
+    assert traced[0] == 0 and traced[1] >= 2  # pixel and latent UNet (more for a second batch size)
     assert [s["settings"]["frozen_graphs"] for s in summaries] == [False, True]
     plain, frozen = ({(r["method"], r["task"]): r for r in s["table"]} for s in summaries)
     assert plain.keys() == frozen.keys() and len(plain) == 3  # baseline, ddrm, srldm

@@ -98,7 +98,7 @@ def from_env() -> Dist:
     return Dist(rank, world, local)
 
 
-def die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """Make this process get SIGTERM when its parent dies (Linux), so a killed ``evaluate --nproc`` leaves
     no workers behind computing into a run nobody reads; exit at once if the parent is already gone."""
     if sys.platform.startswith("linux"):
@@ -112,7 +112,7 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def _spawn_entry(rank: int, world: int, init_file: str, err_dir: str, parent_pid: int, fn, args) -> None:
-    die_with_parent(parent_pid)
+    _die_with_parent(parent_pid)
     try:
         torch.distributed.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT
