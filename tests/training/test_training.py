@@ -107,6 +107,46 @@ def test_pixel_resume_reproduces_uninterrupted_run(data_dir, tmp_path):
     assert unet.float()(x, torch.tensor([10])).sample.shape == x.shape
 
 
+def test_lr_stages_follow_resumes_with_another_lr(tmp_path):
+    """Start records of a run's log -> stretches at one lr (the model README's optimiser line)."""
+    log = common.JsonlLog(tmp_path / "log.jsonl")
+
+    def start(step, lr, resume=True):
+        log.write(event="start", step=step, resume=resume, options={"lr": lr})
+
+    assert common.lr_stages(tmp_path / "log.jsonl") == []  # no log yet
+    start(0, 2e-4, resume=False)
+    log.write(step=50, loss=0.1, lr=2e-4)
+    start(300, 2e-4)  # same lr: the same stretch
+    start(900, 1e-4)  # cool-down
+    start(700, 1e-4)  # resumed from an earlier checkpoint: the stretch begins at 700
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"event": "start", "st')  # a record cut short by a crash is skipped ...
+    log = common.JsonlLog(tmp_path / "log.jsonl")  # ... and the resumed run's log starts on a new line
+    start(2000, 5e-5)
+    assert common.lr_stages(tmp_path / "log.jsonl") == [(0, 2e-4), (700, 1e-4), (2000, 5e-5)]
+    assert common.describe_lr(common.lr_stages(tmp_path / "log.jsonl"), 200) == (
+        "lr 0.0002 (linear warm-up 200 steps) to step 700, then 0.0001 to step 2,000, then 5e-05 "
+        "(each change a resume with `--lr`)"
+    )
+    start(0, 1e-3, resume=False)  # a fresh run in the same folder starts the history again
+    assert common.describe_lr(common.lr_stages(tmp_path / "log.jsonl"), 10) == (
+        "lr 0.001 (linear warm-up 10 steps, then constant)"
+    )
+
+
+def test_pixel_cool_down_resume_is_in_the_model_readme(data_dir, tmp_path):
+    from diffrestore.training.pixel import train_pixel
+
+    kw = {**TINY_PIXEL, "val_size": 0}
+    train_pixel(data_dir, tmp_path / "out", tmp_path / "run", steps=2, lr=2e-4, **kw)
+    assert "lr 0.0002 (linear warm-up 2 steps, then constant)" in (tmp_path / "out" / "README.md").read_text()
+    train_pixel(data_dir, tmp_path / "out", tmp_path / "run", steps=3, lr=1e-4, resume=True, **kw)
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "lr 0.0002 (linear warm-up 2 steps) to step 2, then 0.0001 (each change" in readme
+    assert "Trained so far: 3 steps" in readme
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     common.save_checkpoint(path, {"step": 1})

@@ -108,6 +108,43 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / warmup)
 
 
+def lr_stages(log_path: str | os.PathLike) -> list[tuple[int, float]]:
+    """``(first step, lr)`` of each stretch of a run trained at one learning rate, read from the "start"
+    records of its log: a resume with another ``--lr`` (a cool-down) begins a new stretch, a resume from
+    an earlier checkpoint drops the stretches after it, a fresh start clears them."""
+    stages: list[tuple[int, float]] = []
+    try:
+        lines = Path(log_path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return stages
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if rec.get("event") != "start":
+            continue
+        step, lr = int(rec["step"]), float(rec["options"]["lr"])
+        stages = [s for s in stages if s[0] < step] if rec.get("resume") else []
+        if not stages or stages[-1][1] != lr:
+            stages.append((step, lr))
+    return stages
+
+
+def describe_lr(stages: list[tuple[int, float]], warmup: int) -> str:
+    """The learning-rate history for a model README, e.g. "lr 0.0002 (linear warm-up 200 steps) to step
+    8,724, then 0.0001 to step 20,734, then 5e-05 (each change a resume with `--lr`)"."""
+    if not stages:
+        return "lr unknown (no start record in the log)"
+    text = f"lr {stages[0][1]:g} (linear warm-up {warmup} steps"
+    if len(stages) == 1:
+        return text + ", then constant)"
+    text += ")"
+    for step, lr in stages[1:]:
+        text += f" to step {step:,}, then {lr:g}"
+    return text + " (each change a resume with `--lr`)"
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
@@ -141,6 +178,12 @@ class JsonlLog:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # a record cut short by a crash must not swallow the first record of the resumed run
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def write(self, **record) -> None:
         record.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -240,7 +283,9 @@ __all__ = [
     "hardware_string",
     "int_list",
     "load_checkpoint",
+    "describe_lr",
     "lr_at",
+    "lr_stages",
     "param_count",
     "psnr",
     "resolve_device",
@@ -538,6 +583,10 @@ class Trainer:
     def log_start(self, options: dict, **record) -> None:
         self.log.write(event="start", step=self.step, resume=bool(self.loop.resume), options=options,
                        model_cfg=self.model_cfg, params=param_count(self.model), **record)
+
+    def lr_schedule(self) -> str:
+        """This run's learning-rate history (all its sessions), for the exported model's README."""
+        return describe_lr(lr_stages(self.log.path), self.loop.warmup)
 
     def optimize(self, step: int, loss: torch.Tensor) -> tuple[float, float]:
         """Warm-up learning rate, backward, gradient clip, AdamW step, EMA update; returns (loss, lr)."""

@@ -324,7 +324,7 @@ def train_autoencoder(
                 "data": _recipe_data(len(photos), data_dir, loop, crop, short_side),
                 "loss": f"L1 + {mse_weight:g} * MSE on a posterior sample, + {kl_weight:g} * KL (per pixel); no GAN; "
                 f"posterior log-variance bias initialised to {logvar_init:g}",
-                "optimiser": _recipe_optimiser(loop),
+                "optimiser": _recipe_optimiser(tr),
                 "steps": i,
                 "wall time": f"{fmt_hours(el)} on {tr.hardware}",
                 "held-out reconstruction": ", ".join(f"{k} {v:.4f}" for k, v in last_val.items() if "psnr" in k or "l1" in k)
@@ -433,7 +433,7 @@ def train_decoder(
                 f"decoder + post_quant_conv only (encoder bit-identical to sha256 {vae_sha[:16]}..., so the latent "
                 f"space is unchanged), L1 + {mse_weight:g} * MSE{f' + {lpips_weight:g} * LPIPS-AlexNet' if lpips_weight else ''} "
                 f"of decode(posterior mean) inside a {margin}-px margin, "
-                f"{_recipe_data(len(photos), data_dir, loop, crop, None, encoded_sides)}, {_recipe_optimiser(loop)}, "
+                f"{_recipe_data(len(photos), data_dir, loop, crop, None, encoded_sides)}, {_recipe_optimiser(tr)}, "
                 f"{i} steps, {fmt_hours(el)} on {tr.hardware}"
             )
             recipe["held-out reconstruction after the decoder fine-tune"] = ", ".join(
@@ -454,11 +454,9 @@ def _recipe_data(n_photos: int, data_dir, loop: LoopOptions, crop: int, short_si
     return f"{photos}, random {crop}x{crop} crops of the photo rescaled to a short side uniform in {list(short_side)}, h-flips"
 
 
-def _recipe_optimiser(loop: LoopOptions) -> str:
-    return (
-        f"AdamW lr {loop.lr:g} (warm-up {loop.warmup}), batch {loop.batch}, clip {loop.grad_clip:g}, "
-        f"EMA {loop.ema_decay}"
-    )
+def _recipe_optimiser(tr: Trainer) -> str:
+    loop = tr.loop
+    return f"AdamW {tr.lr_schedule()}, batch {loop.batch}, clip {loop.grad_clip:g}, EMA {loop.ema_decay}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,7 +704,7 @@ def train_latent_unet(
                 f"for {lr_noise_frac:.0%} of samples",
                 "objective": f"MSE on {'eps' if prediction == 'epsilon' else 'v = sqrt(a) eps - sqrt(1-a) z0'}, "
                 "t uniform on [0, 1000), LDM schedule (sqrt-linear 0.0015..0.0155)",
-                "optimiser": _recipe_optimiser(loop),
+                "optimiser": _recipe_optimiser(tr),
                 "steps": i,
                 "wall time": f"{fmt_hours(el)} on {tr.hardware}",
                 "held-out validation": ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()),

@@ -184,14 +184,17 @@ def train_pixel(
             tr.log.write(event="checkpoint", step=i, elapsed=round(el, 1))
         if out_dir is not None:
             export_pixel(tr.ema.model, out_dir, step=i, elapsed=el, options=options, model_cfg=model_cfg,
-                         hardware=tr.hardware, n_photos=len(photos), val=dict(last_val), data_dir=data_dir)
+                         hardware=tr.hardware, n_photos=len(photos), val=dict(last_val), data_dir=data_dir,
+                         lr_schedule=tr.lr_schedule())
 
     result = tr.train(step_fn, checkpoint_fn, desc="pixel")
     result["val"] = dict(last_val)
     return result
 
 
-def export_pixel(model, out_dir, *, step, elapsed, options, model_cfg, hardware, n_photos, val, data_dir) -> None:
+def export_pixel(
+    model, out_dir, *, step, elapsed, options, model_cfg, hardware, n_photos, val, data_dir, lr_schedule
+) -> None:
     """EMA weights in fp16 (diffusers folder) + diffrestore.json (schedule) + README.md (recipe)."""
     out_dir = Path(out_dir)
     save_diffusers_fp16(model, out_dir)
@@ -228,7 +231,7 @@ scratch by `diffrestore.training.pixel`. Images in [-1, 1], RGB, any size that i
   random horizontal flips.
 * Objective: MSE on eps; t uniform on [0, 1000) except a {options['t_low_frac']:.0%} share uniform on
   [0, {options['t_low_max']}).
-* Optimiser: AdamW lr {options['lr']:g} (linear warm-up {options['warmup']} steps, then constant), weight decay
+* Optimiser: AdamW {lr_schedule}, weight decay
   {options['weight_decay']:g}, batch {options['batch']}, grad-norm clip {options['grad_clip']:g}; EMA decay
   {options['ema_decay']} (warm-up min(decay, (1+n)/(10+n))); seed {options['seed']}.
 * Trained so far: {step} steps, {fmt_hours(elapsed)} wall time on {hardware}.
