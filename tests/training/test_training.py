@@ -143,6 +143,7 @@ def test_pixel_cool_down_resume_is_in_the_model_readme(data_dir, tmp_path):
     assert "lr 0.0002 (linear warm-up 2 steps, then constant)" in (tmp_path / "out" / "README.md").read_text()
     train_pixel(data_dir, tmp_path / "out", tmp_path / "run", steps=3, lr=1e-4, resume=True, **kw)
     readme = (tmp_path / "out" / "README.md").read_text()
+    assert readme.startswith("# out: built-in pixel-space diffusion prior")  # the model folder's name
     assert "lr 0.0002 (linear warm-up 2 steps) to step 2, then 0.0001 (each change" in readme
     assert "Trained so far: 3 steps" in readme
 

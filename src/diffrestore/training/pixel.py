@@ -215,7 +215,7 @@ def export_pixel(
     atomic_write_json(out_dir / "scheduler_config.json", ddpm_scheduler_config())
     params = param_count(model)
     val_lines = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(val.items())) or "| (none yet) | |"
-    readme = f"""# pixel-s: built-in pixel-space diffusion prior
+    readme = f"""# {out_dir.name}: built-in pixel-space diffusion prior
 
 Unconditional epsilon-prediction `diffusers.UNet2DModel` (EMA weights, fp16 safetensors), trained from
 scratch by `diffrestore.training.pixel`. Images in [-1, 1], RGB, any size that is a multiple of
