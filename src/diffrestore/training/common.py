@@ -280,10 +280,10 @@ __all__ = [
     "atomic_write_text",
     "fmt_hours",
     "cli_main",
+    "describe_lr",
     "hardware_string",
     "int_list",
     "load_checkpoint",
-    "describe_lr",
     "lr_at",
     "lr_stages",
     "param_count",
@@ -583,10 +583,13 @@ class Trainer:
     def log_start(self, options: dict, **record) -> None:
         self.log.write(event="start", step=self.step, resume=bool(self.loop.resume), options=options,
                        model_cfg=self.model_cfg, params=param_count(self.model), **record)
+        # the history only changes at a start record: read the log once here, not at every checkpoint
+        self._lr_schedule = describe_lr(lr_stages(self.log.path), self.loop.warmup)
 
     def lr_schedule(self) -> str:
-        """This run's learning-rate history (all its sessions), for the exported model's README."""
-        return describe_lr(lr_stages(self.log.path), self.loop.warmup)
+        """This run's learning-rate history (all its sessions, as of :meth:`log_start`), for the exported
+        model's README."""
+        return self._lr_schedule
 
     def optimize(self, step: int, loss: torch.Tensor) -> tuple[float, float]:
         """Warm-up learning rate, backward, gradient clip, AdamW step, EMA update; returns (loss, lr)."""
