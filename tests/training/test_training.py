@@ -19,7 +19,7 @@ from diffrestore.training.data import CropSampler, block_downsample, list_photos
 
 # keys of a checkpoint's "options" record (read back by --resume; the running jobs' checkpoints have them)
 SHARED_OPTION_KEYS = {"crop", "batch", "lr", "warmup", "grad_clip", "ema_decay", "short_side", "holdout_every", "seed",
-                      "threads", "device"}
+                      "threads", "device", "precision"}
 OPTION_KEYS = {
     "pixel": SHARED_OPTION_KEYS | {"weight_decay", "t_low_frac", "t_low_max"},
     "autoencoder": SHARED_OPTION_KEYS | {"kl_weight", "mse_weight", "logvar_init"},
@@ -148,6 +148,39 @@ def test_pixel_cool_down_resume_is_in_the_model_readme(data_dir, tmp_path):
     assert "Trained so far: 3 steps" in readme
 
 
+def test_pixel_bf16_steps_track_fp32_and_the_switch_is_in_the_model_readme(data_dir, tmp_path):
+    """A resume with ``precision="bf16"`` runs the forward pass under bf16 autocast: its next loss is close
+    to the fp32 resume's (same batch, same weights) but not bit-equal, and the model README says when
+    the arithmetic changed."""
+    import shutil
+
+    from diffrestore.training.pixel import train_pixel
+
+    kw = {**TINY_PIXEL, "val_size": 0}
+    train_pixel(data_dir, None, tmp_path / "fp32", steps=2, **kw)
+    shutil.copytree(tmp_path / "fp32", tmp_path / "bf16")
+    train_pixel(data_dir, None, tmp_path / "fp32", steps=3, resume=True, **kw)
+    train_pixel(data_dir, tmp_path / "out", tmp_path / "bf16", steps=3, resume=True, precision="bf16", **kw)
+    a, b = _losses(tmp_path / "fp32")[3], _losses(tmp_path / "bf16")[3]
+    assert a != b and abs(a - b) < 0.02 * a
+    ck = torch.load(tmp_path / "bf16" / common.CHECKPOINT_NAME, weights_only=False)
+    assert ck["options"]["precision"] == "bf16" and all(v.dtype == torch.float32 for v in ck["model"].values())
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "Arithmetic: fp32 to step 2, then bf16 mixed precision (autocast forward passes;" in readme
+    with pytest.raises(common.TrainingError, match="precision 'fp16'"):
+        train_pixel(data_dir, None, tmp_path / "bad", steps=1, precision="fp16", **kw)
+
+
+def test_option_stages_read_older_logs_with_a_default(tmp_path):
+    log = common.JsonlLog(tmp_path / "log.jsonl")
+    log.write(event="start", step=0, resume=False, options={"lr": 2e-4})  # before --precision existed
+    log.write(event="start", step=1500, resume=True, options={"lr": 2e-4, "precision": "bf16"})
+    stages = common.option_stages(tmp_path / "log.jsonl", "precision", "fp32")
+    assert stages == [(0, "fp32"), (1500, "bf16")]
+    assert common.describe_precision(stages[:1]) == "fp32"
+    assert common.describe_precision(stages).startswith("fp32 to step 1,500, then bf16 mixed precision")
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     common.save_checkpoint(path, {"step": 1})
@@ -173,7 +206,7 @@ def test_latent_sr_stages_export_a_loadable_folder(data_dir, tmp_path):
     kw = dict(batch=2, max_photos=4, log_every=1, ckpt_every_s=0, progress=False, threads=1, warmup=2)
     r = train_latent_sr(
         "autoencoder", data_dir, out, tmp_path / "ae", crop=16, steps=2, channels=(8, 16, 16), norm_num_groups=4,
-        val_size=2, stats_size=8, **kw,
+        val_size=2, stats_size=8, precision="bf16", **kw,
     )
     assert math.isfinite(r["loss"])
     vae = AutoencoderKL.from_pretrained(out / "vae")
@@ -186,7 +219,7 @@ def test_latent_sr_stages_export_a_loadable_folder(data_dir, tmp_path):
     assert math.isfinite(r["loss"])
     r = train_latent_sr(
         "unet", data_dir, out, tmp_path / "unet", crop=16, steps=3, channels=(8, 16), norm_num_groups=4,
-        layers_per_block=1, val_size=2, resume=True, **kw,
+        layers_per_block=1, val_size=2, resume=True, precision="bf16", **kw,
     )
     assert r["step"] == 3
     for run, kind in (("ae", "autoencoder"), ("unet", "latent_unet")):
@@ -214,7 +247,7 @@ def test_latent_sr_stages_export_a_loadable_folder(data_dir, tmp_path):
     # decoder fine-tune: the encoder side is exported bit-identical (the UNets' latent space), the decoder moves
     r = train_latent_sr(
         "decoder", data_dir, tmp_path / "ft", tmp_path / "dec", vae_dir=out / "vae", crop=16, margin=4, steps=2,
-        encoded_sides=(32,), val_size=2, **{**kw, "warmup": 1},
+        encoded_sides=(32,), val_size=2, precision="bf16", **{**kw, "warmup": 1},
     )
     assert math.isfinite(r["loss"])
     tuned = AutoencoderKL.from_pretrained(tmp_path / "ft" / "vae").state_dict()
@@ -222,7 +255,8 @@ def test_latent_sr_stages_export_a_loadable_folder(data_dir, tmp_path):
         frozen = k.startswith(("encoder.", "quant_conv."))
         assert torch.equal(tuned[k], v) == frozen or (not frozen and "norm" in k), k
     assert not torch.equal(tuned["decoder.conv_out.weight"], vae.state_dict()["decoder.conv_out.weight"])
-    assert "decoder fine-tune" in json.loads((tmp_path / "ft" / "vae" / "recipe.json").read_text())
+    recipe = (tmp_path / "ft" / "vae" / "recipe.json").read_text()
+    assert "decoder fine-tune" in json.loads(recipe) and "bf16 mixed precision" in recipe
     unet = UNet2DModel.from_pretrained(out / "unet")
     assert unet.config.in_channels == 6 and unet.config.out_channels == 3
     index = json.loads((out / "model_index.json").read_text())
@@ -324,7 +358,7 @@ def test_cli_resume_takes_options_from_checkpoint(tmp_path, monkeypatch, module,
     mod = importlib.import_module(f"diffrestore.training.{module}")
     options = {k: 0 for k in OPTION_KEYS[kind]}
     options.update(crop=32, batch=3, lr=1e-3, warmup=7, ema_decay=0.9, holdout_every=5, seed=4, threads=2,
-                   device="cpu", grad_clip=0.5, short_side=[100.0, 200.0], vae_sha256="ab")
+                   device="cpu", grad_clip=0.5, short_side=[100.0, 200.0], vae_sha256="ab", precision="bf16")
     torch.save({"options": options}, tmp_path / common.CHECKPOINT_NAME)
     got = {}
     monkeypatch.setattr(mod, "train_pixel" if module == "pixel" else "train_latent_sr",
@@ -335,6 +369,7 @@ def test_cli_resume_takes_options_from_checkpoint(tmp_path, monkeypatch, module,
     loop = {k: got[k] for k in ("batch", "lr", "warmup", "ema_decay", "holdout_every", "seed", "threads", "grad_clip")}
     assert loop == dict(batch=3, lr=1e-3, warmup=7, ema_decay=0.9, holdout_every=5, seed=9, threads=2, grad_clip=0.5)
     assert got["steps"] == 300_000 and got["max_minutes"] is None and got["device"] == "cpu"
+    assert got["precision"] == "bf16"  # a bf16 run stays bf16 on a plain --resume
 
 
 def test_decoder_stage_lpips_term(data_dir, tmp_path, monkeypatch):

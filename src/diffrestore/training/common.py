@@ -108,11 +108,12 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
     return lr * min(1.0, (step + 1) / warmup)
 
 
-def lr_stages(log_path: str | os.PathLike) -> list[tuple[int, float]]:
-    """``(first step, lr)`` of each stretch of a run trained at one learning rate, read from the "start"
-    records of its log: a resume with another ``--lr`` (a cool-down) begins a new stretch, a resume from
-    an earlier checkpoint drops the stretches after it, a fresh start clears them."""
-    stages: list[tuple[int, float]] = []
+def option_stages(log_path: str | os.PathLike, key: str, default=None) -> list[tuple[int, object]]:
+    """``(first step, value)`` of each stretch of a run trained with one value of option ``key``, read
+    from the "start" records of its log: a resume with another value (a cool-down ``--lr``, a switch of
+    ``--precision``) begins a new stretch, a resume from an earlier checkpoint drops the stretches after
+    it, a fresh start clears them. ``default`` stands for a start record without ``key`` (older logs)."""
+    stages: list[tuple[int, object]] = []
     try:
         lines = Path(log_path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -124,11 +125,16 @@ def lr_stages(log_path: str | os.PathLike) -> list[tuple[int, float]]:
             continue
         if rec.get("event") != "start":
             continue
-        step, lr = int(rec["step"]), float(rec["options"]["lr"])
+        step, value = int(rec["step"]), rec["options"].get(key, default)
         stages = [s for s in stages if s[0] < step] if rec.get("resume") else []
-        if not stages or stages[-1][1] != lr:
-            stages.append((step, lr))
+        if not stages or stages[-1][1] != value:
+            stages.append((step, value))
     return stages
+
+
+def lr_stages(log_path: str | os.PathLike) -> list[tuple[int, float]]:
+    """The learning-rate stretches of a run (see :func:`option_stages`)."""
+    return [(step, float(lr)) for step, lr in option_stages(log_path, "lr")]
 
 
 def describe_lr(stages: list[tuple[int, float]], warmup: int) -> str:
@@ -143,6 +149,22 @@ def describe_lr(stages: list[tuple[int, float]], warmup: int) -> str:
     for step, lr in stages[1:]:
         text += f" to step {step:,}, then {lr:g}"
     return text + " (each change a resume with `--lr`)"
+
+
+PRECISIONS = {
+    "fp32": "fp32",
+    "bf16": "bf16 mixed precision (autocast forward passes; losses, weights, gradients and AdamW state in fp32)",
+}
+
+
+def describe_precision(stages: list[tuple[int, object]]) -> str:
+    """The arithmetic history for a model README, e.g. "fp32 to step 11,000, then bf16 mixed precision (...)"."""
+    if not stages:
+        return "fp32"
+    text = PRECISIONS[stages[0][1]]
+    for step, value in stages[1:]:
+        text += f" to step {step:,}, then {PRECISIONS[value]}"
+    return text
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -443,6 +465,7 @@ class LoopOptions:
     resume: bool = False
     threads: int = 1
     device: str = "cpu"
+    precision: str = "fp32"  # "bf16": autocast forward passes (~1.7x faster on CPUs with AVX512-BF16)
     seed: int = 0
     progress: bool = True
     progress_interval: float = 10.0  # seconds between progress-bar updates
@@ -501,6 +524,10 @@ def add_loop_arguments(
     )
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--device", default=d.device)
+    p.add_argument(
+        "--precision", choices=sorted(PRECISIONS), default=d.precision,
+        help="bf16: mixed-precision forward passes (fp32 weights and optimiser); faster where the CPU or GPU has bf16",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
@@ -532,6 +559,8 @@ class Trainer:
     """
 
     def __init__(self, run_dir, loop: LoopOptions):
+        if loop.precision not in PRECISIONS:
+            raise TrainingError(f"precision {loop.precision!r}: expected one of {', '.join(sorted(PRECISIONS))}")
         set_threads(loop.threads)
         self.loop = loop
         self.device = resolve_device(loop.device)
@@ -577,7 +606,7 @@ class Trainer:
         return {
             **specific, "batch": loop.batch, "lr": loop.lr, "warmup": loop.warmup, "grad_clip": loop.grad_clip,
             "ema_decay": loop.ema_decay, "holdout_every": loop.holdout_every, "seed": loop.seed,
-            "threads": loop.threads, "device": str(self.device),
+            "threads": loop.threads, "device": str(self.device), "precision": loop.precision,
         }
 
     def log_start(self, options: dict, **record) -> None:
@@ -585,11 +614,21 @@ class Trainer:
                        model_cfg=self.model_cfg, params=param_count(self.model), **record)
         # the history only changes at a start record: read the log once here, not at every checkpoint
         self._lr_schedule = describe_lr(lr_stages(self.log.path), self.loop.warmup)
+        self._precision = describe_precision(option_stages(self.log.path, "precision", "fp32"))
 
     def lr_schedule(self) -> str:
         """This run's learning-rate history (all its sessions, as of :meth:`log_start`), for the exported
         model's README."""
         return self._lr_schedule
+
+    def precision_history(self) -> str:
+        """This run's arithmetic (fp32 / bf16 stretches, as of :meth:`log_start`), for the model's README."""
+        return self._precision
+
+    def autocast(self):
+        """The context for a step's forward passes: bf16 autocast with ``precision="bf16"``, else a no-op.
+        Losses are computed on ``.float()`` outputs outside it."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.loop.precision == "bf16")
 
     def optimize(self, step: int, loss: torch.Tensor) -> tuple[float, float]:
         """Warm-up learning rate, backward, gradient clip, AdamW step, EMA update; returns (loss, lr)."""

@@ -285,17 +285,22 @@ def train_autoencoder(
     options = tr.options(
         crop=crop, kl_weight=kl_weight, mse_weight=mse_weight, logvar_init=logvar_init, short_side=list(short_side)
     )
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     tr.log_start(options, stage="autoencoder", photos=len(photos))
     last_val: dict = {}
 
     def step_fn(i: int):
         model.train()
         x = sampler.batch(loop.batch, tr.np_rng).to(dev)
-        post = model.encode(x).latent_dist
+        with tr.autocast():
+            moments = model.encode(x).latent_dist.parameters
+        post = DiagonalGaussianDistribution(moments.float())  # the KL term in fp32
         noise = torch.randn(post.mean.shape, generator=tr.gen).to(dev)
         z = post.mean + post.std * noise
-        rec = model.decode(z).sample
-        err = rec - x
+        with tr.autocast():
+            rec = model.decode(z).sample
+        err = rec.float() - x
         rec_loss = err.abs().mean() + mse_weight * err.pow(2).mean()
         kl = post.kl().mean() / x[0].numel()  # per-pixel, like LDM's summed losses
         return tr.optimize(i, rec_loss + kl_weight * kl)
@@ -410,7 +415,8 @@ def train_decoder(
     def step_fn(i: int):
         model.train()
         x, z = (v.to(dev) for v in encoded.batch(loop.batch, crop, tr.np_rng))
-        recon = model.decode(z).sample
+        with tr.autocast():
+            recon = model.decode(z).sample.float()
         if margin:
             recon, x = (v[..., margin:-margin, margin:-margin] for v in (recon, x))
         err = recon - x
@@ -456,7 +462,8 @@ def _recipe_data(n_photos: int, data_dir, loop: LoopOptions, crop: int, short_si
 
 def _recipe_optimiser(tr: Trainer) -> str:
     loop = tr.loop
-    return f"AdamW {tr.lr_schedule()}, batch {loop.batch}, clip {loop.grad_clip:g}, EMA {loop.ema_decay}"
+    return (f"AdamW {tr.lr_schedule()}, batch {loop.batch}, clip {loop.grad_clip:g}, EMA {loop.ema_decay}; "
+            f"{tr.precision_history()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,8 +684,9 @@ def train_latent_unet(
         t = t.to(dev)
         a = ac_dev[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
-        out = model(torch.cat([zt, lr_img], 1), t).sample
-        return tr.optimize(i, F.mse_loss(out, target_of(prediction, z, noise, a)))
+        with tr.autocast():
+            out = model(torch.cat([zt, lr_img], 1), t).sample
+        return tr.optimize(i, F.mse_loss(out.float(), target_of(prediction, z, noise, a)))
 
     def checkpoint_fn(i: int, el: float):
         tr.save(i, el, "latent_unet", options, vae_sha256=vae_sha)

@@ -172,7 +172,9 @@ def train_pixel(
         t = t.to(dev)
         a = ac_dev[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        return tr.optimize(i, F.mse_loss(model(xt, t).sample, noise))
+        with tr.autocast():
+            pred = model(xt, t).sample
+        return tr.optimize(i, F.mse_loss(pred.float(), noise))
 
     def checkpoint_fn(i: int, el: float):
         tr.save(i, el, "pixel", options)
@@ -185,7 +187,7 @@ def train_pixel(
         if out_dir is not None:
             export_pixel(tr.ema.model, out_dir, step=i, elapsed=el, options=options, model_cfg=model_cfg,
                          hardware=tr.hardware, n_photos=len(photos), val=dict(last_val), data_dir=data_dir,
-                         lr_schedule=tr.lr_schedule())
+                         lr_schedule=tr.lr_schedule(), precision=tr.precision_history())
 
     result = tr.train(step_fn, checkpoint_fn, desc="pixel")
     result["val"] = dict(last_val)
@@ -193,7 +195,8 @@ def train_pixel(
 
 
 def export_pixel(
-    model, out_dir, *, step, elapsed, options, model_cfg, hardware, n_photos, val, data_dir, lr_schedule
+    model, out_dir, *, step, elapsed, options, model_cfg, hardware, n_photos, val, data_dir, lr_schedule,
+    precision="fp32",
 ) -> None:
     """EMA weights in fp16 (diffusers folder) + diffrestore.json (schedule) + README.md (recipe)."""
     out_dir = Path(out_dir)
@@ -234,6 +237,7 @@ scratch by `diffrestore.training.pixel`. Images in [-1, 1], RGB, any size that i
 * Optimiser: AdamW {lr_schedule}, weight decay
   {options['weight_decay']:g}, batch {options['batch']}, grad-norm clip {options['grad_clip']:g}; EMA decay
   {options['ema_decay']} (warm-up min(decay, (1+n)/(10+n))); seed {options['seed']}.
+* Arithmetic: {precision}.
 * Trained so far: {step} steps, {fmt_hours(elapsed)} wall time on {hardware}.
 
 Validation on {options['crop']}px held-out crops (EMA weights; one-step denoising at sigma 0.1 in [-1,1] units):
