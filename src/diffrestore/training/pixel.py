@@ -238,7 +238,7 @@ scratch by `diffrestore.training.pixel`. Images in [-1, 1], RGB, any size that i
   {options['weight_decay']:g}, batch {options['batch']}, grad-norm clip {options['grad_clip']:g}; EMA decay
   {options['ema_decay']} (warm-up min(decay, (1+n)/(10+n))); seed {options['seed']}.
 * Arithmetic: {precision}.
-* Trained so far: {step} steps, {fmt_hours(elapsed)} wall time on {hardware}.
+* Trained so far: {step:,} steps, {fmt_hours(elapsed)} wall time on {hardware}.
 
 Validation on {options['crop']}px held-out crops (EMA weights; one-step denoising at sigma 0.1 in [-1,1] units):
 
