@@ -195,8 +195,7 @@ def train_pixel(
 
 
 def export_pixel(
-    model, out_dir, *, step, elapsed, options, model_cfg, hardware, n_photos, val, data_dir, lr_schedule,
-    precision="fp32",
+    model, out_dir, *, step, elapsed, options, model_cfg, hardware, n_photos, val, data_dir, lr_schedule, precision
 ) -> None:
     """EMA weights in fp16 (diffusers folder) + diffrestore.json (schedule) + README.md (recipe)."""
     out_dir = Path(out_dir)
