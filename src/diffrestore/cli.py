@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from diffrestore import io
+from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, FloatingPointError)
 
@@ -328,8 +329,8 @@ def _add_demo(sub) -> None:
         "--steps", default=None,
         help="N for every method, or per method, e.g. ddrm:10,srldm:25 (default: ddrm 20, srldm 50, ddrm-srldm 20, ddrm-ldm 50)",
     )  # fmt: skip
-    p.add_argument("--pixel-prior", default=None, metavar="SPEC", help="pixel prior for ddrm (default builtin:pixel-s)")
-    p.add_argument("--latent-prior", default=None, metavar="SPEC", help="latent SR prior (default builtin:ldmsr-s)")
+    p.add_argument("--pixel-prior", default=None, metavar="SPEC", help=f"pixel prior for ddrm (default {DEFAULT_PRIORS['pixel']})")
+    p.add_argument("--latent-prior", default=None, metavar="SPEC", help=f"latent SR prior (default {DEFAULT_PRIORS['latent']})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads", type=int, default=None,

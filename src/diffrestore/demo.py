@@ -49,13 +49,13 @@ import torch
 
 from diffrestore import io
 from diffrestore.methods import METHODS, get_method
+from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 TASKS = ("sr4", "deblur", "denoise", "noisy-sr4")
 METHOD_ORDER = ("ddrm", "srldm", "ddrm-srldm", "ddrm-ldm")
 #: demo step counts (DDRM 20, the latent samplers 50, ddrm-srldm its registry default)
 DEFAULT_STEPS = {"ddrm": 20, "srldm": 50, "ddrm-srldm": METHODS["ddrm-srldm"].default_steps, "ddrm-ldm": 50}
-DEFAULT_PRIORS = {"pixel": "builtin:pixel-s", "latent": "builtin:ldmsr-s"}
 BASELINE = "baseline"
 GRID_CELL_PX = 192
 GRID_LABEL_PX = 100

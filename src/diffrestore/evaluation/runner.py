@@ -86,6 +86,7 @@ from diffrestore.evaluation.data import choose_subset, find_images, load_eval_im
 from diffrestore.evaluation.distributed import Dist, from_env, launched_by_torchrun, spawn
 from diffrestore.methods import check_options, get_method
 from diffrestore.pipeline import image_seed, lcm, measure_image, prior_multiple, run_method
+from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 FORMAT = 1
 PLUGINS_ENV = "DIFFRESTORE_PLUGINS"
@@ -115,8 +116,8 @@ PRESETS = {
         methods=DEFAULT_METHODS,
         steps={"*": 10},
         fig7_steps={"srldm": [5, 10, 20], "ddrm": [5, 10, 20]},
-        pixel_prior="builtin:pixel-s",
-        latent_prior="builtin:ldmsr-s",
+        pixel_prior=DEFAULT_PRIORS["pixel"],
+        latent_prior=DEFAULT_PRIORS["latent"],
     ),
 }
 

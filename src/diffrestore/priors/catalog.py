@@ -12,9 +12,12 @@ from typing import NamedTuple
 
 from .base import PriorLoadError
 
-__all__ = ["BUILTIN_PREFIX", "SPEC_FORMATS", "BuiltinPrior", "builtin_dir", "list_builtin_priors", "resolve_spec"]
+__all__ = ["BUILTIN_PREFIX", "DEFAULT_PRIORS", "SPEC_FORMATS", "BuiltinPrior", "builtin_dir", "list_builtin_priors", "resolve_spec"]
 
 BUILTIN_PREFIX = "builtin:"
+
+#: the built-in prior of each kind that the demo and the quick evaluation preset use unless told otherwise
+DEFAULT_PRIORS = {"pixel": "builtin:pixel-s", "latent": "builtin:ldmsr-s"}
 
 #: (how to write it, what it is) for every ``--prior SPEC`` that ``load_prior`` recognises
 SPEC_FORMATS: tuple[tuple[str, str], ...] = (
