@@ -36,3 +36,10 @@ def test_fast_latent_prior_is_v_prediction_on_the_same_autoencoder():
     assert (s.prediction_type, xs.prediction_type) == ("epsilon", "v_prediction")
     a, b = s.first_stage.state_dict(), xs.first_stage.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shipped_weights_fit_the_package_budget():
+    """Issue #5 caps the built-in weights at 50 MB in all (they ride along in every install)."""
+    assert SHIPPED, "no built-in prior found"
+    total = sum(p.size_mb for p in SHIPPED)
+    assert total <= 50.0, f"built-in priors take {total:.1f} MB: " + ", ".join(f"{p.name} {p.size_mb:.1f}" for p in SHIPPED)
