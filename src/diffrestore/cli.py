@@ -182,7 +182,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_priors(args) -> int:
-    from diffrestore.priors.catalog import SPEC_FORMATS, builtin_dir, list_builtin_priors
+    from diffrestore.priors.catalog import BUILTIN_PREFIX, DEFAULT_PRIORS, SPEC_FORMATS, builtin_dir, list_builtin_priors
 
     notes: list[str] = []
     priors = list_builtin_priors(notes)
@@ -190,7 +190,9 @@ def cmd_priors(args) -> int:
         print(f"built-in priors (--prior builtin:NAME; in {builtin_dir()}):")
         w = max(len(p.name) for p in priors)
         for p in priors:
-            print(f"  {p.name:{w}s}  {p.kind:6s}  {p.size_mb:8.1f} MB  {p.description}")
+            default = " [default]" if DEFAULT_PRIORS.get(p.kind) == BUILTIN_PREFIX + p.name else ""
+            print(f"  {p.name:{w}s}  {p.kind:6s}  {p.size_mb:8.1f} MB  {p.description}{default}")
+        print("  [default]: what `diffrestore demo` and `evaluate --preset quick` use unless told otherwise")
     else:
         print(f"built-in priors: none installed (folder {builtin_dir()})")
     for note in notes:

@@ -70,12 +70,13 @@ def test_list_builtin_priors(populated):
         assert len(priors.list_builtin_priors()) == 3
 
 
-def test_cli_lists_builtin_priors_and_formats(populated, capsys):
+def test_cli_lists_builtin_priors_and_formats(populated, capsys, monkeypatch):
+    monkeypatch.setattr(catalog, "DEFAULT_PRIORS", {"pixel": "builtin:pix", "latent": "builtin:other"})
     assert main(["priors"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     pix = next(ln for ln in lines if ln.split()[:1] == ["pix"])
-    assert pix.split()[:4] == ["pix", "pixel", "2.0", "MB"] and pix.endswith("a small pixel prior")
+    assert pix.split()[:4] == ["pix", "pixel", "2.0", "MB"] and pix.endswith("a small pixel prior [default]")
     sr = next(ln for ln in lines if ln.split()[:1] == ["sr"])
     assert sr.split()[:4] == ["sr", "latent", "1.5", "MB"] and sr.endswith("latent x4 test prior")
     assert any("note:" in ln and "half" in ln for ln in lines)
