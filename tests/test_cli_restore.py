@@ -179,8 +179,22 @@ def test_stop_out_of_range_is_one_line_error(tmp_path, photo, ldm, capsys):
     assert len(err) == 1 and "stop (0.6) must be in [0, start=0.5)" in err[0] and _no_files(out)
 
 
+def test_samples_reaches_ddrm_and_the_record_keeps_the_options(tmp_path, photo, adm):
+    outs, records = {}, {}
+    for samples in (None, 3):
+        out = tmp_path / f"out{samples}"
+        argv = ["restore", str(photo), "--task", "noisy-sr4", "--method", "ddrm", "--prior", adm, "--steps", "3",
+                "--out", str(out), "--degrade", "--no-progress", "--eta", "0.9"]
+        assert main(argv + (["--samples", str(samples)] if samples else [])) == 0
+        outs[samples] = read_image(out / "photo_noisy-sr4_ddrm.png")
+        records[samples] = json.loads((out / "photo_noisy-sr4_ddrm.json").read_text())
+    assert records[None]["options"] == {"eta": 0.9} and records[3]["options"] == {"eta": 0.9, "samples": 3}
+    assert not torch.equal(outs[3], outs[None])  # the option reached the method (its mean: tests/methods)
+
+
 @pytest.mark.parametrize(
-    "method,option", [("srldm", ["--eta-b", "1"]), ("ddrm", ["--start", "0.5"]), ("srldm", ["--stop", "0.2"])]
+    "method,option",
+    [("srldm", ["--eta-b", "1"]), ("ddrm", ["--start", "0.5"]), ("srldm", ["--stop", "0.2"]), ("srldm", ["--samples", "2"])],
 )
 def test_option_the_method_lacks_is_one_line_error(tmp_path, photo, adm, ldm, method, option, capsys):
     out = tmp_path / "out"

@@ -106,6 +106,10 @@ def _add_restore(sub) -> None:
         help="ddrm-ldm: end the steps at this fraction of the diffusion and return the consistent clean estimate "
         "there (default 0.4, best in PSNR and FID with builtin:ldmsr-s; 0: a full sample)",
     )
+    p.add_argument(
+        "--samples", type=int, default=None,
+        help="ddrm: write the mean of N samples (an estimate of the posterior mean: higher PSNR, N times the cost)",
+    )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
     _add_run_options(p)
     p.set_defaults(func=cmd_restore)
@@ -119,7 +123,7 @@ def cmd_restore(args) -> int:
 
     info = get_method(args.method)
     adm_config = parse_adm_config(args.adm_config)
-    method_kwargs = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start, "stop": args.stop}
+    method_kwargs = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start, "stop": args.stop, "samples": args.samples}
     unknown = [k for k, v in method_kwargs.items() if v is not None and k not in method_options(info.name)]
     if unknown:
         raise CLIError(f"method {info.name} has no option --{unknown[0].replace('_', '-')}")

@@ -195,6 +195,7 @@ def restore_file_inputs(
             "prior": prior_spec,
             **({"adm_config": adm_config} if adm_config is not None else {}),
             "steps": steps,
+            "options": {k: v for k, v in method_kwargs.items() if v is not None},
             "seed": seed,
             "sigma_y": task.sigma_y,
             "overrides": {k: v for k, v in overrides.items()},
