@@ -124,6 +124,17 @@ def test_figures_are_nonblank_pngs_of_sensible_size(which, request):
             assert list(z["t"]) == [999 - k * (1000 // steps) for k in range(steps)]
 
 
+def test_figure4_column_titles_name_the_run_options(run, tmp_path, monkeypatch):
+    results = json.loads((run / "results.json").read_text())
+    results["grid"]["options"] = {"fake-pix": {"eta": 0.5, "samples": 2}}
+    seen = {}
+    monkeypatch.setattr(report, "draw_image_grid", lambda path, cells, **kw: seen.update(kw))
+    report.figure4(results, run, tmp_path / "fig4.png")
+    titles = [t.replace("\n", " ") for t in seen["col_titles"]]
+    assert titles[:2] == ["original", "degraded"]
+    assert "FAKE-PIX (3 steps), eta=0.5, samples=2" in titles and "FAKE-LAT (4 steps)" in titles
+
+
 def test_report_rebuilds_everything_without_running_a_model(run, tmp_path, monkeypatch):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)

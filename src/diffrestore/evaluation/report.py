@@ -402,7 +402,10 @@ def figure4(results: dict, run: Path, path: Path) -> None:
     grid, n = results["grid"], results["n_images"]
     methods = [(m, grid["steps"][m]) for m in grid["methods"]]
     rows = [(t, i) for t in grid["tasks"] for i in range(min(FIGURE_IMAGES, n))]
-    cols = ["original", "degraded"] + [method_label(m, s) for m, s in methods]
+    options = grid.get("options", {})  # the run's non-default method options belong under the picture too
+    cols = ["original", "degraded"] + [
+        ", ".join([method_label(m, s), *(f"{k}={v}" for k, v in options.get(m, {}).items())]) for m, s in methods
+    ]
     cells = []
     for task, i in rows:
         name = image_name(i, n)
