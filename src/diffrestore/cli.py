@@ -107,7 +107,7 @@ def _add_restore(sub) -> None:
         "there (default 0.4, best in PSNR and FID with builtin:ldmsr-s; 0: a full sample)",
     )
     p.add_argument(
-        "--samples", type=int, default=None,
+        "--samples", type=int, default=None, metavar="N",
         help="ddrm: write the mean of N samples (an estimate of the posterior mean: higher PSNR, N times the cost)",
     )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
