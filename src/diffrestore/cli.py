@@ -193,10 +193,11 @@ def cmd_priors(args) -> int:
     if priors:
         print(f"built-in priors (--prior builtin:NAME; in {builtin_dir()}):")
         w = max(len(p.name) for p in priors)
+        defaults = [p for p in priors if DEFAULT_PRIORS.get(p.kind) == BUILTIN_PREFIX + p.name]
         for p in priors:
-            default = " [default]" if DEFAULT_PRIORS.get(p.kind) == BUILTIN_PREFIX + p.name else ""
-            print(f"  {p.name:{w}s}  {p.kind:6s}  {p.size_mb:8.1f} MB  {p.description}{default}")
-        print("  [default]: what `diffrestore demo` and `evaluate --preset quick` use unless told otherwise")
+            print(f"  {p.name:{w}s}  {p.kind:6s}  {p.size_mb:8.1f} MB  {p.description}{' [default]' * (p in defaults)}")
+        if defaults:
+            print("  [default]: what `diffrestore demo` and `evaluate --preset quick` use unless told otherwise")
     else:
         print(f"built-in priors: none installed (folder {builtin_dir()})")
     for note in notes:

@@ -230,8 +230,9 @@ def test_argument_errors():
         ddrm.restore(p, op, y, sigma_y=0.0, steps=0)
     with pytest.raises(MethodArgumentError, match="x_T"):
         ddrm.restore(p, op, y, sigma_y=0.0, x_T=torch.zeros(1, 3, 8, 8))
-    with pytest.raises(MethodArgumentError, match="samples"):
-        ddrm.restore(p, op, y, sigma_y=0.0, samples=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(MethodArgumentError, match="samples must be a positive integer"):
+            ddrm.restore(p, op, y, sigma_y=0.0, samples=bad)
     with pytest.raises(MethodArgumentError, match="samples=1"):
         ddrm.restore(p, op, y, sigma_y=0.0, samples=2, x_T=torch.zeros(2, *SHAPE))
 

@@ -81,13 +81,17 @@ def test_cli_lists_builtin_priors_and_formats(populated, capsys, monkeypatch):
     assert sr.split()[:4] == ["sr", "latent", "1.5", "MB"] and sr.endswith("latent x4 test prior")
     assert any("note:" in ln and "half" in ln for ln in lines)
     assert not any(ln.split()[:1] == ["half"] for ln in lines)
+    assert sum("[default]" in ln for ln in lines) == 2  # the pix line and the legend
     _assert_formats(out)
+    monkeypatch.setattr(catalog, "DEFAULT_PRIORS", {"pixel": "builtin:gone", "latent": "builtin:other"})
+    assert main(["priors"]) == 0
+    assert "[default]" not in capsys.readouterr().out  # no marks, no legend
 
 
 def test_cli_says_none_installed(builtin, capsys):
     assert main(["priors"]) == 0
     out = capsys.readouterr().out
-    assert "none installed" in out
+    assert "none installed" in out and "[default]" not in out
     _assert_formats(out)
     builtin.rmdir()  # no builtin folder at all
     assert main(["priors"]) == 0

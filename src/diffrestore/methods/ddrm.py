@@ -114,7 +114,7 @@ def restore(
     meas_shape = tuple(operator.measurement_shape)
     if y.dim() < 1 or tuple(y.shape[1:]) != meas_shape:
         raise MethodArgumentError(f"y must have shape (B, {meas_shape}), got {tuple(y.shape)}")
-    if samples != 1:
+    if type(samples) is not int or samples != 1:  # anything but the plain int 1 (True, 1.0) is checked there
         if x_T is not None or randn is not None:
             raise MethodArgumentError("x_T and randn replay one sample per measurement; use them with samples=1")
         one = dict(sigma_y=sigma_y, steps=steps, eta=eta, eta_b=eta_b, generator=generator, callback=callback,
