@@ -190,11 +190,42 @@ def test_samples_reaches_ddrm_and_the_record_keeps_the_options(tmp_path, photo, 
         records[samples] = json.loads((out / "photo_noisy-sr4_ddrm.json").read_text())
     assert records[None]["options"] == {"eta": 0.9} and records[3]["options"] == {"eta": 0.9, "samples": 3}
     assert not torch.equal(outs[3], outs[None])  # the option reached the method (its mean: tests/methods)
+    assert "sample_std" not in records[None] and records[3]["sample_std"]["mean"] > 0
+
+
+def test_samples_of_a_latent_method_write_the_spread_map(tmp_path, photo, ldm):
+    """--samples N works for every method; the std map is grey, black where the draws agree, scaled
+    so that white is STD_MAP_WHITE, and the record keeps its statistics."""
+    from PIL import Image
+
+    from diffrestore.pipeline import STD_MAP_WHITE
+
+    out = tmp_path / "out"
+    assert main(["restore", str(photo), "--task", "sr4", "--method", "srldm", "--prior", ldm, "--steps", "3",
+                 "--out", str(out), "--degrade", "--no-progress", "--samples", "2"]) == 0
+    record = json.loads((out / "photo_sr4_srldm.json").read_text())
+    stats = record["sample_std"]
+    assert record["options"] == {"samples": 2} and stats["png_white"] == STD_MAP_WHITE
+    assert 0 < stats["mean"] <= stats["max"] and -1 <= stats["error_correlation"] <= 1
+    png = np.asarray(Image.open(out / "photo_sr4_srldm_std.png"))
+    assert png.ndim == 2 and png.shape == tuple(record["size"])
+    shown = png.astype(np.float64) / 255 * STD_MAP_WHITE  # clipped at white, so at most the true mean
+    assert shown.mean() <= stats["mean"] + STD_MAP_WHITE / 255
+    if stats["max"] < STD_MAP_WHITE:
+        assert shown.mean() == pytest.approx(stats["mean"], abs=STD_MAP_WHITE / 255)
+
+
+def test_samples_out_of_range_is_one_line_error_before_loading(tmp_path, photo, capsys):
+    out = tmp_path / "bad"
+    assert main(["restore", str(photo), "--task", "sr4", "--method", "ddrm", "--prior", str(tmp_path / "no-such.pt"),
+                 "--out", str(out), "--degrade", "--no-progress", "--samples", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "method ddrm: samples must be a positive integer, got 0" in err[0] and _no_files(out)
 
 
 @pytest.mark.parametrize(
     "method,option",
-    [("srldm", ["--eta-b", "1"]), ("ddrm", ["--start", "0.5"]), ("srldm", ["--stop", "0.2"]), ("srldm", ["--samples", "2"])],
+    [("srldm", ["--eta-b", "1"]), ("ddrm", ["--start", "0.5"]), ("srldm", ["--stop", "0.2"])],
 )
 def test_option_the_method_lacks_is_one_line_error(tmp_path, photo, adm, ldm, method, option, capsys):
     out = tmp_path / "out"

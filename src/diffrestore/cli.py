@@ -108,7 +108,8 @@ def _add_restore(sub) -> None:
     )
     p.add_argument(
         "--samples", type=int, default=None, metavar="N",
-        help="ddrm: write the mean of N samples (an estimate of the posterior mean: higher PSNR, N times the cost)",
+        help="write the mean of N samples (an estimate of the posterior mean: higher PSNR, N times the cost) "
+        "and IMG_TASK_METHOD_std.png, their per-pixel spread (white: std 0.1 in [-1, 1] units or more)",
     )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
     _add_run_options(p)
@@ -116,7 +117,7 @@ def _add_restore(sub) -> None:
 
 
 def cmd_restore(args) -> int:
-    from diffrestore.methods import get_method, method_options
+    from diffrestore.methods import check_options, get_method, method_options
     from diffrestore.operators.tasks import make_task
     from diffrestore.pipeline import image_seed, restore_file_inputs
     from diffrestore.priors.loading import load_prior
@@ -127,6 +128,10 @@ def cmd_restore(args) -> int:
     unknown = [k for k, v in method_kwargs.items() if v is not None and k not in method_options(info.name)]
     if unknown:
         raise CLIError(f"method {info.name} has no option --{unknown[0].replace('_', '-')}")
+    try:  # values out of range: refused before anything is loaded
+        method_kwargs = check_options(info.name, method_kwargs)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     overrides = {k: v for k, v in (("sigma_y", args.sigma_y), ("blur_sigma", args.blur_sigma), ("scale", args.scale)) if v is not None}
     make_task(args.task, (3, 64, 64), **overrides)  # validates the task name and parameters early
 

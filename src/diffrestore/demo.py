@@ -253,7 +253,7 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
                 cells = [(BASELINE, 0, base.clamp(-1, 1), seconds)]
                 for method in plan.methods:
                     bar.set_postfix_str(f"{name} {task_name} {method}", refresh=True)
-                    x_hat, seconds = run_method(
+                    x_hat, seconds, _ = run_method(
                         method, plan.priors, task, y, steps=plan.steps[method], seed=image_seed(spec.seed, name)
                     )
                     cells.append((method, plan.steps[method], x_hat.detach().float().clamp(-1, 1), seconds))

@@ -11,6 +11,7 @@ import hashlib
 import sys
 import math
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -59,6 +60,12 @@ def lcm(*values: int) -> int:
     return out
 
 
+class MethodRun(NamedTuple):
+    x_hat: torch.Tensor  # the restoration (the mean of the draws when samples > 1)
+    seconds: float
+    std: torch.Tensor | None  # per-pixel std across the draws (samples > 1), else None
+
+
 def run_method(
     method: str,
     priors: dict,
@@ -68,9 +75,10 @@ def run_method(
     steps: int | None,
     seed: int,
     callback=None,
+    samples: int = 1,
     **method_kwargs,
-) -> tuple[torch.Tensor, float]:
-    """Run a registered method on a batch of measurements; returns (x_hat, seconds)."""
+) -> MethodRun:
+    """Run a registered method on a batch of measurements (``samples`` draws each, averaged)."""
     info = get_method(method)
     prior = priors.get(info.prior)
     if prior is None:
@@ -78,23 +86,29 @@ def run_method(
     device = y.device
     generator = make_generator(seed, device)
     extra = {k: v for k, v in method_kwargs.items() if v is not None}
+    kwargs = dict(sigma_y=task.sigma_y, steps=steps or info.default_steps, generator=generator, callback=callback, **extra)
     start = time.perf_counter()
-    x_hat = info.restore(
-        prior,
-        task.operator,
-        y,
-        sigma_y=task.sigma_y,
-        steps=steps or info.default_steps,
-        generator=generator,
-        callback=callback,
-        **extra,
-    )
+    if type(samples) is int and samples == 1:
+        x_hat, std = info.restore(prior, task.operator, y, **kwargs), None
+    else:
+        draws = info.restore_draws(prior, task.operator, y, samples=samples, **kwargs)
+        x_hat, std = draws.mean(dim=1), draws.float().std(dim=1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     if not torch.isfinite(x_hat).all():
         raise FloatingPointError(f"{method} produced non-finite values")
-    return x_hat, seconds
+    return MethodRun(x_hat, seconds, std)
+
+
+#: the std (in [-1, 1] image units) that a std map shows as white; fixed, so maps compare across images
+STD_MAP_WHITE = 0.1
+
+
+def std_map_image(std: torch.Tensor) -> torch.Tensor:
+    """The per-pixel spread of the draws (B, C, H, W) as a grey [-1, 1] image: the channel mean of the
+    std, black at 0 and white at ``STD_MAP_WHITE`` and above."""
+    return (std.mean(dim=1, keepdim=True) / STD_MAP_WHITE).clamp(0, 1) * 2 - 1
 
 
 def _measurement_factor(task_name: str, overrides: dict) -> int:
@@ -181,7 +195,7 @@ def restore_file_inputs(
         def on_step(*_args, **_kwargs):
             step_bar.update(1)
 
-        x_hat, seconds = run_method(
+        x_hat, seconds, std = run_method(
             method, {"pixel": prior, "latent": prior}, task, y, steps=steps, seed=image_seed(seed, image_id), callback=on_step, **method_kwargs
         )
         step_bar.close()
@@ -205,6 +219,12 @@ def restore_file_inputs(
             "device": str(device),
         }
         files = {f"{stem}_{task_name}_{method}.png": x_hat}
+        if std is not None:
+            files[f"{stem}_{task_name}_{method}_std.png"] = std_map_image(std)
+            record["sample_std"] = {"mean": float(std.mean()), "max": float(std.max()), "png_white": STD_MAP_WHITE}
+            if degrade:
+                error = (x_hat - x).abs().mean(dim=1).flatten()
+                record["sample_std"]["error_correlation"] = float(torch.corrcoef(torch.stack([std.mean(dim=1).flatten(), error]))[0, 1])
         if degrade:
             baseline = task.baseline(y).clamp(-1, 1)
             record.update(

@@ -101,9 +101,21 @@ def test_parse_options_types_values_by_the_methods_defaults():
         ("ddrm:=1", "is not METHOD:NAME=VALUE"),
         ("nope:eta=1", "unknown method 'nope'"),
         ("ddrm:stop=0.4", "method ddrm has no option 'stop' (its options: eta, eta_b, official_zero_singular_bug, samples)"),
+        ("srldm:stop=0.4", "method srldm has no option 'stop' (its options: eta, lr_filter, start, samples)"),
         ("ddrm:steps=5", "has no option 'steps'"),  # set by --steps, not an option
         ("ddrm:eta=high", "method ddrm option eta: 'high' is not a float"),
         ("ddrm:official_zero_singular_bug=maybe", "is not a bool"),
+        # values out of range, refused here (before a run folder is made) by the method's own check
+        ("ddrm:eta=1.5", "method ddrm: eta must be in [0, 1], got 1.5"),
+        ("ddrm:samples=0", "method ddrm: samples must be a positive integer, got 0"),
+        ("ddrm:samples=2.5", "option samples: '2.5' is not a int"),
+        ("srldm:start=0", "method srldm: start must be in (0, 1], got 0.0"),
+        ("srldm:lr_filter=nearest", "method srldm: unknown lr_filter 'nearest'"),
+        ("ddrm-ldm:stop=0.6", "method ddrm-ldm: stop (0.6) must be in [0, start=0.5)"),
+        ("ddrm-ldm:rho=-1", "method ddrm-ldm: rho must be >= 0"),
+        ("ddrm-ldm:eta=-0.5", "method ddrm-ldm: eta must be >= 0"),
+        ("ddrm-srldm:strategy=c", "method ddrm-srldm: unknown DDRM-SRLDM strategy 'c'"),
+        ("ddrm-srldm:eta_b=2", "method ddrm-srldm: eta_b must be in [0, 1], got 2.0"),
     ]:
         with pytest.raises((runner.EvalError, ValueError), match=re.escape(says)):
             runner.parse_options(bad)
@@ -368,7 +380,7 @@ def test_other_data_folder_is_refused(reference, data, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "case",
     ["missing data", "unknown task", "unknown method", "no prior", "bad prior", "out under a file", "foreign folder", "steps of other method",
-     "unknown option", "options of other method"],
+     "unknown option", "options of other method", "option value out of range", "samples not positive"],
 )
 def test_bad_input_is_one_line_and_leaves_no_files(data, tmp_path, monkeypatch, case):
     out = tmp_path / "run"
@@ -401,6 +413,10 @@ def test_bad_input_is_one_line_and_leaves_no_files(data, tmp_path, monkeypatch, 
         argv += ["--options", "fake-pix:bogus=1"]
     elif case == "options of other method":
         argv += ["--options", "ddrm:eta=1"]
+    elif case == "option value out of range":  # checked before the run folder exists, so a corrected rerun may use it
+        argv += ["--options", "fake-pix:noise=-1"]
+    elif case == "samples not positive":
+        argv += ["--options", "fake-lat:samples=0"]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     rc, stdout, err = fx.run_cli(monkeypatch, argv)
     assert rc == 2, err

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -63,10 +65,15 @@ def fake_restore(prior, operator, y, *, sigma_y, steps, generator=None, callback
     return base + noise * scale * torch.randn(base.shape, generator=generator)
 
 
+def fake_check_values(*, noise: float, **_):
+    if not noise >= 0:
+        raise methods.MethodArgumentError(f"noise must be >= 0, got {noise}")
+
+
 class FakeInfo(methods.MethodInfo):
     @property
-    def restore(self):
-        return fake_restore
+    def implementation(self):
+        return SimpleNamespace(restore=fake_restore, check_values=fake_check_values)
 
 
 class FakePixelPrior:

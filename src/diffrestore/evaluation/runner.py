@@ -814,7 +814,7 @@ def run_records(plan: Plan, dist: Dist, res: _Resources) -> int:
                     seconds = time.perf_counter() - start
                 else:
                     priors = res.priors_for(method, task_name)
-                    x_hat, seconds = run_method(
+                    x_hat, seconds, _ = run_method(
                         method, priors, task, y, steps=steps, seed=image_seed(seed, image_id), callback=callback,
                         **grid.get("options", {}).get(method, {}),
                     )
@@ -875,7 +875,7 @@ def measure_throughput(plan: Plan, res: _Resources) -> int:
         task = res.task(task_name)
         options = grid.get("options", {}).get(method, {})
         run_method(method, priors, task, ys[task_name], steps=min(steps, 2), seed=seed, **options)  # warm-up
-        _, seconds = run_method(method, priors, task, ys[task_name], steps=steps, seed=seed, **options)
+        seconds = run_method(method, priors, task, ys[task_name], steps=steps, seed=seed, **options).seconds
         append_line(
             run / "throughput.jsonl",
             {

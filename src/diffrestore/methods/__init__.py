@@ -1,7 +1,11 @@
-"""Restoration methods: each one a function ``restore(prior, operator, y, *, sigma_y, steps, ...)``.
+"""Restoration methods: each one a module with a function ``restore(prior, operator, y, *, sigma_y,
+steps, ...)`` that draws one restoration per measurement, and optionally ``check_values(**options)``,
+which rejects out-of-range option values without a model (so a command can refuse them before it
+writes anything).
 
 The registry below is what the CLI, the evaluation grid and the demo read, so a method added here
-is reachable everywhere. ``prior`` says which kind of prior the method needs.
+is reachable everywhere. ``prior`` says which kind of prior the method needs. Through the registry
+every method also takes ``samples=N`` (the mean of N draws, see ``MethodInfo.restore``).
 """
 
 from __future__ import annotations
@@ -9,7 +13,12 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable
+
+import torch
+
+from .common import MethodArgumentError, check_samples, draws_of_samples
 
 
 @dataclass(frozen=True)
@@ -21,8 +30,43 @@ class MethodInfo:
     summary: str
 
     @property
-    def restore(self) -> Callable:
-        return importlib.import_module(f"diffrestore.methods.{self.module}").restore
+    def implementation(self) -> ModuleType:
+        return importlib.import_module(f"diffrestore.methods.{self.module}")
+
+    @property
+    def sampler(self) -> Callable:
+        """The module's ``restore``: one draw per measurement."""
+        return self.implementation.restore
+
+    def check_values(self, options: dict) -> None:
+        """Raise MethodArgumentError for an option value out of range (the module's ``check_values``
+        on the defaults updated with ``options``); needs no model."""
+        check_samples(options.get("samples", 1))
+        checker = getattr(self.implementation, "check_values", None)
+        if checker is not None:
+            defaults = method_options(self.name)
+            defaults.pop("samples")
+            checker(**{**defaults, **{k: v for k, v in options.items() if k != "samples"}})
+
+    def restore_draws(self, prior, operator, y: torch.Tensor, *, samples: int, **kwargs) -> torch.Tensor:
+        """``samples`` independent restorations of each measurement, drawn as one batch: (B, samples, ...).
+        The callback, if any, sees that batch."""
+        if samples != 1 and (kwargs.get("randn") is not None or kwargs.get("x_T") is not None):
+            raise MethodArgumentError("x_T and randn replay one sample per measurement; use them with samples=1")
+        return draws_of_samples(lambda ys: self.sampler(prior, operator, ys, **kwargs), y, samples)
+
+    def restore(self, prior, operator, y: torch.Tensor, *, samples: int = 1, **kwargs) -> torch.Tensor:
+        """The method's restoration of ``y``; with ``samples`` > 1 the mean of that many independent
+        draws per measurement.
+
+        Why a mean: a diffusion method returns a sample of the posterior, whose squared error is
+        about twice the posterior mean's; averaging samples estimates the mean, which PSNR / SSIM
+        reward, at ``samples`` times the cost (and with smoother output). 1, the default, is the
+        published method: one draw, bit for bit the module's ``restore``.
+        """
+        if type(samples) is int and samples == 1:
+            return self.sampler(prior, operator, y, **kwargs)
+        return self.restore_draws(prior, operator, y, samples=samples, **kwargs).mean(dim=1)
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -45,22 +89,27 @@ def get_method(name: str) -> MethodInfo:
 
 # set by the pipeline for every method, so never a user option
 _PIPELINE_ARGS = {"sigma_y", "steps"}
+# options the registry adds to every method (``MethodInfo.restore``)
+COMMON_OPTIONS = {"samples": 1}
 
 
 def method_options(name: str) -> dict[str, object]:
     """The tunable options of a method (keyword arguments of its ``restore`` with a number, flag or
-    string default) and their defaults: what ``restore --eta`` or ``evaluate --options`` may set."""
-    params = inspect.signature(get_method(name).restore).parameters.values()
-    return {
+    string default, plus ``COMMON_OPTIONS``) and their defaults: what ``restore --eta`` or
+    ``evaluate --options`` may set."""
+    params = inspect.signature(get_method(name).sampler).parameters.values()
+    own = {
         p.name: p.default
         for p in params
         if p.kind is p.KEYWORD_ONLY and p.name not in _PIPELINE_ARGS and isinstance(p.default, (int, float, str))
     }
+    return {**own, **COMMON_OPTIONS}
 
 
 def check_options(name: str, options: dict) -> dict:
     """``options`` without the unset (None) ones, text values converted to the type of the option's
-    default; a ValueError names an option the method lacks or a value of the wrong type."""
+    default; a ValueError names an option the method lacks, a value of the wrong type or one out of
+    range (``MethodInfo.check_values``), before any model is loaded or any output written."""
     known = method_options(name)
     given = {}
     for key, value in options.items():
@@ -69,6 +118,10 @@ def check_options(name: str, options: dict) -> dict:
         if key not in known:
             raise ValueError(f"method {name} has no option {key!r} (its options: {', '.join(known) or 'none'})")
         given[key] = _convert(name, key, value, type(known[key]))
+    try:
+        get_method(name).check_values(given)
+    except ValueError as e:
+        raise ValueError(f"method {name}: {e}") from None
     return given
 
 

@@ -44,19 +44,16 @@ class MethodArgumentError(ValueError):
     """An argument a user passed to a restoration method is out of range or has the wrong shape."""
 
 
-def mean_of_samples(run: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, samples: int) -> torch.Tensor:
-    """The mean of ``samples`` independent restorations of each measurement in ``y``, drawn as one batch
-    (``run`` maps a batch of measurements to one sample each).
-
-    Why: a diffusion method returns a sample of the posterior, whose squared error is about twice the
-    posterior mean's; averaging samples estimates the mean, which is what PSNR / SSIM reward, at
-    ``samples`` times the cost (and smoother output).
-    """
+def check_samples(samples) -> None:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise MethodArgumentError(f"samples must be a positive integer, got {samples!r}")
-    if samples == 1:
-        return run(y)
-    return run(y.repeat_interleave(samples, dim=0)).unflatten(0, (y.shape[0], samples)).mean(dim=1)
+
+
+def draws_of_samples(run: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, samples: int) -> torch.Tensor:
+    """``samples`` independent restorations of each measurement in ``y``, drawn as one batch of
+    ``B * samples`` (``run`` maps a batch of measurements to one restoration each); (B, samples, ...)."""
+    check_samples(samples)
+    return run(y.repeat_interleave(samples, dim=0)).unflatten(0, (y.shape[0], samples))
 
 
 def check_latent_image_size(prior, operator, method: str) -> None:

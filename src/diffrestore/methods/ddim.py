@@ -32,6 +32,23 @@ from typing import Callable
 
 import torch
 
+from .common import MethodArgumentError
+
+
+def check_range(start: float, stop: float = 0.0) -> None:
+    """The fractions of the diffusion a truncated DDIM grid may span: ``0 <= stop < start <= 1``."""
+    if not 0.0 < start <= 1.0:
+        raise MethodArgumentError(f"start must be in (0, 1], got {start}")
+    if not 0.0 <= stop < start:
+        raise MethodArgumentError(f"stop ({stop}) must be in [0, start={start}); stop 0 gives a full sample")
+
+
+def check_eta(eta: float) -> None:
+    """DDIM's eta scales the fresh noise of each step (0: deterministic, 1: DDPM-like); negative is meaningless.
+    (Whether a large eta fits a grid is checked by ``ddim_schedule``.)"""
+    if not eta >= 0.0:
+        raise MethodArgumentError(f"eta must be >= 0, got {eta}")
+
 
 def ddim_timesteps(num_train_timesteps: int, steps: int, start: float = 1.0, stop: float = 0.0) -> torch.Tensor:
     """The official 'uniform' DDIM grid, ascending (int64): ``arange(steps) * (T' // steps) + 1`` with
@@ -39,10 +56,7 @@ def ddim_timesteps(num_train_timesteps: int, steps: int, start: float = 1.0, sto
     range, for samplers that start from a noised initial estimate instead of pure noise).
     ``stop`` > 0 shifts the grid to ``(round(stop * T), round(start * T)]``, for samplers that return
     their clean estimate at an intermediate noise level."""
-    if not 0.0 < start <= 1.0:
-        raise ValueError(f"start must be in (0, 1], got {start}")
-    if not 0.0 <= stop < start:
-        raise ValueError(f"stop ({stop}) must be in [0, start={start}); stop 0 gives a full sample")
+    check_range(start, stop)
     offset = round(stop * num_train_timesteps)
     span = round(start * num_train_timesteps) - offset
     if steps < 1:
@@ -75,6 +89,7 @@ def ddim_schedule(
     """Constants of the official ``DDIMSampler.make_schedule`` for ``steps`` uniform steps (over the
     ``[stop, start]`` fraction of the diffusion, see ``ddim_timesteps``); the last step's ``a_prev`` is
     ``alphas_cumprod[round(stop * T)]`` (``alphas_cumprod[0]`` for the official full grid)."""
+    check_eta(eta)
     ac = alphas_cumprod.detach().float().cpu()
     t = ddim_timesteps(ac.shape[0], steps, start, stop)
     a = ac[t]

@@ -54,12 +54,19 @@ from .common import (
     StepInfo,
     alpha_bar,
     make_randn,
-    mean_of_samples,
     previous_timesteps,
     uniform_skip_timesteps,
 )
 
-__all__ = ["restore"]
+__all__ = ["restore", "check_values"]
+
+
+def check_values(*, eta: float, eta_b: float, **_) -> None:
+    """The option values DDRM accepts (both weights are shares, in [0, 1])."""
+    if not 0.0 <= eta <= 1.0:
+        raise MethodArgumentError(f"eta must be in [0, 1], got {eta}")
+    if not 0.0 <= eta_b <= 1.0:
+        raise MethodArgumentError(f"eta_b must be in [0, 1], got {eta_b}")
 
 
 def _sigma(a: torch.Tensor) -> torch.Tensor:
@@ -82,7 +89,6 @@ def restore(
     callback: StepCallback | None = None,
     x_T: torch.Tensor | None = None,
     official_zero_singular_bug: bool = False,
-    samples: int = 1,
 ) -> torch.Tensor:
     """Restore ``x`` from ``y = H x + sigma_y n`` with DDRM.
 
@@ -103,9 +109,6 @@ def restore(
             the first draw. It is still mapped through the spectral initialisation.
         official_zero_singular_bug: reproduce the official handling of zero singular values
             (see module docstring); only for replaying official references.
-        samples: return the mean of this many independent samples per measurement (drawn as one
-            batch of ``B * samples``; the callback sees that batch): an estimate of the posterior
-            mean, higher in PSNR, at ``samples`` times the cost. 1 (the paper's): one sample.
 
     Returns:
         x_hat ``(B, C, H, W)``: ``V(V^T x0)`` of the last prediction (not clamped).
@@ -114,19 +117,10 @@ def restore(
     meas_shape = tuple(operator.measurement_shape)
     if y.dim() < 1 or tuple(y.shape[1:]) != meas_shape:
         raise MethodArgumentError(f"y must have shape (B, {meas_shape}), got {tuple(y.shape)}")
-    if type(samples) is not int or samples != 1:  # anything but the plain int 1 (True, 1.0) is checked there
-        if x_T is not None or randn is not None:
-            raise MethodArgumentError("x_T and randn replay one sample per measurement; use them with samples=1")
-        one = dict(sigma_y=sigma_y, steps=steps, eta=eta, eta_b=eta_b, generator=generator, callback=callback,
-                   official_zero_singular_bug=official_zero_singular_bug)
-        return mean_of_samples(lambda ys: restore(prior, operator, ys, **one), y, samples)
-    sigma_0 = float(sigma_y)
-    if not sigma_0 >= 0.0:
+    if not float(sigma_y) >= 0.0:
         raise MethodArgumentError(f"sigma_y must be >= 0, got {sigma_y}")
-    if not 0.0 <= eta <= 1.0:
-        raise MethodArgumentError(f"eta must be in [0, 1], got {eta}")
-    if not 0.0 <= eta_b <= 1.0:
-        raise MethodArgumentError(f"eta_b must be in [0, 1], got {eta_b}")
+    check_values(eta=eta, eta_b=eta_b)
+    sigma_0 = float(sigma_y)
     seq = uniform_skip_timesteps(prior.num_timesteps, steps)
     seq_next = previous_timesteps(seq)
 

@@ -60,9 +60,17 @@ from __future__ import annotations
 
 import torch
 
-from .common import StepInfo, check_latent_image_size, make_randn
-from .ddim import ddim_schedule, ddim_step
+from .common import MethodArgumentError, StepInfo, check_latent_image_size, make_randn
+from .ddim import check_eta, check_range, ddim_schedule, ddim_step
 from .srldm import initial_latent, lr_conditioning, upsample_conditioning
+
+
+def check_values(*, eta: float, rho: float, start: float, stop: float, **_) -> None:
+    """The option values DDRM-LDM accepts."""
+    check_eta(eta)
+    check_range(start, stop)
+    if not rho >= 0.0:
+        raise MethodArgumentError(f"rho must be >= 0, got {rho}")
 
 
 def spectral_consistency(operator, x0: torch.Tensor, y: torch.Tensor, sigma_y: float, tau: float) -> torch.Tensor:
@@ -104,6 +112,7 @@ def restore(
     callback=None,
 ) -> torch.Tensor:
     """Restore ``x`` from ``y = H x + sigma_y n`` with a latent SR prior (see module docstring)."""
+    check_values(eta=eta, rho=rho, start=start, stop=stop)
     check_latent_image_size(prior, operator, "DDRM-LDM")
     _, H, W = operator.in_shape
     device = prior.alphas_cumprod.device

@@ -23,18 +23,28 @@ import torch
 
 from ..priors.base import PixelPrior
 from . import ddrm
-from .common import check_latent_image_size
+from .common import MethodArgumentError, check_latent_image_size
 from .srldm import lr_conditioning
 
 STRATEGIES = ("a", "b")
+
+
+def check_values(*, strategy: str, eta: float, eta_b: float, **_) -> None:
+    """The option values DDRM-SRLDM accepts: a strategy of the report and DDRM's weights."""
+    _check_strategy(strategy)
+    ddrm.check_values(eta=eta, eta_b=eta_b)
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise MethodArgumentError(f"unknown DDRM-SRLDM strategy {strategy!r}; use 'a' or 'b'")
 
 
 class LatentSRAsPixelDenoiser(PixelPrior):
     """Exposes a latent SR prior as the pixel ``eps(x_t, t)`` DDRM expects, the report's way."""
 
     def __init__(self, prior, lr: torch.Tensor, strategy: str, skip: int):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown DDRM-SRLDM strategy {strategy!r}; use 'a' or 'b'")
+        _check_strategy(strategy)
         super().__init__(prior.alphas_cumprod)
         self.prior, self.lr, self.strategy, self.skip = prior, lr, strategy, skip
 
@@ -70,6 +80,7 @@ def restore(
     callback=None,
 ) -> torch.Tensor:
     """DDRM with the latent SR model standing in for the pixel denoiser (``strategy`` "a" or "b")."""
+    check_values(strategy=strategy, eta=eta, eta_b=eta_b)
     check_latent_image_size(prior, operator, "DDRM-SRLDM")
     device = prior.alphas_cumprod.device
     y = y.to(device)

@@ -32,16 +32,27 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .common import StepInfo, make_randn
-from .ddim import ddim_sample, ddim_schedule
+from .common import MethodArgumentError, StepInfo, make_randn
+from .ddim import check_eta, check_range, ddim_sample, ddim_schedule
 
 LR_FILTERS = ("bicubic", "area", "bilinear")
 
 
+def check_values(*, eta: float, start: float, lr_filter: str, **_) -> None:
+    """The option values SRLDM accepts."""
+    check_eta(eta)
+    check_range(start)
+    _check_lr_filter(lr_filter)
+
+
+def _check_lr_filter(lr_filter: str) -> None:
+    if lr_filter not in LR_FILTERS:
+        raise MethodArgumentError(f"unknown lr_filter {lr_filter!r}; use one of {', '.join(LR_FILTERS)}")
+
+
 def resize(img: torch.Tensor, size: tuple[int, int], lr_filter: str = "bicubic") -> torch.Tensor:
     """Resize (B, C, h, w) to ``size``; antialiased when shrinking (``area`` is a box average)."""
-    if lr_filter not in LR_FILTERS:
-        raise ValueError(f"unknown lr_filter {lr_filter!r}; use one of {', '.join(LR_FILTERS)}")
+    _check_lr_filter(lr_filter)
     if tuple(img.shape[-2:]) == tuple(size):
         return img
     if lr_filter == "area":
@@ -119,6 +130,7 @@ def restore(
     prediction), and their decodes ``x_t`` and ``x0`` cropped to (H, W), decoded only when read.
     """
     del sigma_y  # SRLDM conditions on the measurement as if it were a clean LR image
+    check_values(eta=eta, start=start, lr_filter=lr_filter)
     _, H, W = operator.in_shape
     f, m = prior.downscale, prior.multiple_of
     device = prior.alphas_cumprod.device
