@@ -111,6 +111,11 @@ def _add_restore(sub) -> None:
         help="write the mean of N samples (an estimate of the posterior mean: higher PSNR, N times the cost) "
         "and IMG_TASK_METHOD_std.png, their per-pixel spread (white: std 0.1 in [-1, 1] units or more)",
     )
+    p.add_argument(
+        "--option", action="append", default=[], metavar="NAME=VALUE",
+        help="any other option of the method (repeatable; `diffrestore methods` lists them), "
+        "e.g. --option consistency=true (srldm), --option rho=0.2 (ddrm-ldm), --option strategy=b (ddrm-srldm)",
+    )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
     _add_run_options(p)
     p.set_defaults(func=cmd_restore)
@@ -128,6 +133,13 @@ def cmd_restore(args) -> int:
     unknown = [k for k, v in method_kwargs.items() if v is not None and k not in method_options(info.name)]
     if unknown:
         raise CLIError(f"method {info.name} has no option --{unknown[0].replace('_', '-')}")
+    for item in args.option:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise CLIError(f"--option {item!r} is not NAME=VALUE")
+        if method_kwargs.get(name.strip()) is not None:
+            raise CLIError(f"option {name.strip()} is given twice")
+        method_kwargs[name.strip()] = value.strip()
     try:  # values out of range: refused before anything is loaded
         method_kwargs = check_options(info.name, method_kwargs)
     except ValueError as e:

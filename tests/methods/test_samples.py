@@ -84,7 +84,7 @@ def test_samples_argument_errors():
 @pytest.mark.parametrize(
     "method,options",
     [("ddrm", {"eta": 1.5}), ("ddrm", {"eta_b": -0.1}), ("srldm", {"eta": -1.0}), ("srldm", {"start": 1.5}),
-     ("srldm", {"lr_filter": "nearest"}), ("ddrm-ldm", {"stop": 0.5}), ("ddrm-ldm", {"rho": -0.1}),
+     ("srldm", {"lr_filter": "nearest"}), ("srldm", {"rho": -0.1}), ("ddrm-ldm", {"stop": 0.5}), ("ddrm-ldm", {"rho": -0.1}),
      ("ddrm-srldm", {"strategy": "c"}), ("ddrm-srldm", {"eta": 2.0})],
 )
 def test_what_the_registry_refuses_the_method_refuses_too(method, options):

@@ -151,3 +151,30 @@ def test_start_below_one_begins_at_the_diffused_upsampled_conditioning(prior):
     up = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(-1, 1)
     want = a**0.5 * prior.encode(up) + (1 - a) ** 0.5 * draws[0]
     torch.testing.assert_close(seen[0]["z_t"], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma_y", [0.0, 0.05])
+def test_consistency_blends_the_official_output_with_the_measurement(ref, prior, sigma_y):
+    """consistency=True on the golden run: noiseless, the official decoded image projected onto
+    {x : Ax = y} with A's dense pseudo-inverse; noisy (sr4's singulars all equal s = 1/4), A x moves
+    to y by w = tau^2 / (tau^2 + sigma_y^2 / s^2) and the change lies in the row space of A."""
+    from diffrestore.operators.tasks import make_task
+
+    d = ref["ddim"]
+    op = make_task("sr4", (3, 64, 64)).operator
+    A = op.dense_matrix().double()
+    out = srldm.restore(prior, op, d["lr"], sigma_y=sigma_y, steps=10, eta=1.0, consistency=True,
+                        randn=replay([d["x_T"], *d["noises"]])).double().reshape(-1)
+    raw, y = d["decoded"].double().reshape(-1), d["lr"].double().reshape(-1)
+    if sigma_y == 0:
+        want = raw + torch.linalg.pinv(A) @ (y - A @ raw)
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(A @ out, y, atol=1e-4, rtol=0)
+    else:
+        tau, s = srldm.CONSISTENCY_RHO, 0.25
+        assert torch.allclose(op.singulars.double(), torch.full_like(op.singulars.double(), s))
+        w = tau**2 / (tau**2 + sigma_y**2 / s**2)
+        torch.testing.assert_close(A @ out, A @ raw + w * (y - A @ raw), atol=1e-4, rtol=0)
+        change = out - raw
+        in_row_space = A.T @ torch.linalg.lstsq(A.T, change.unsqueeze(1)).solution.squeeze(1)
+        torch.testing.assert_close(in_row_space, change, atol=1e-4, rtol=0)

@@ -67,6 +67,33 @@ def check_latent_image_size(prior, operator, method: str) -> None:
         raise ImageSizeError(f"{method} needs image sides that are multiples of {need}, got {H}x{W}")
 
 
+def check_rho(rho: float) -> None:
+    """``rho``, an assumed error std for ``spectral_consistency``, must be >= 0."""
+    if not rho >= 0.0:
+        raise MethodArgumentError(f"rho must be >= 0, got {rho}")
+
+
+def spectral_consistency(operator, x0: torch.Tensor, y: torch.Tensor, sigma_y: float, tau: float) -> torch.Tensor:
+    """Blend ``x0`` with the measurement ``y = H x + sigma_y n`` on the observed spectral rows of
+    ``H = U S V^T``: ``v_i <- v_i + w_i (ybar_i - v_i)`` with ``v = V^T x0``, ``ybar_i = (U^T y)_i / s_i``
+    and ``w_i = tau^2 / (tau^2 + sigma_y^2 / s_i^2)`` (the posterior mean of row i when ``x0``'s error
+    there has std ``tau``); unobserved rows keep ``x0``'s values. For ``sigma_y = 0`` this is the
+    projection onto ``{x : Hx = y}``, ``A^+ y + (I - A^+ A) x0``. (DDRM-LDM's step 3.)"""
+    B = x0.shape[0]
+    s = operator.singulars.to(x0)
+    observed = s > 0
+    v = operator.Vt(x0).reshape(B, -1)
+    m = s.shape[0]
+    ybar = operator.Ut(y).reshape(B, m) / torch.where(observed, s, torch.ones_like(s))
+    if sigma_y > 0:
+        w = tau**2 / (tau**2 + sigma_y**2 / torch.where(observed, s, torch.ones_like(s)) ** 2)
+    else:
+        w = torch.ones_like(s)
+    w = torch.where(observed, w, torch.zeros_like(w))
+    v = torch.cat([v[:, :m] + w * (ybar - v[:, :m]), v[:, m:]], dim=1)
+    return operator.V(v).reshape(x0.shape)
+
+
 def uniform_skip_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """The DDIM/DDRM "uniform" skip sequence ``0, s, 2s, ... < num_timesteps`` with
     ``s = num_timesteps // steps`` (ascending; samplers walk it in reverse).

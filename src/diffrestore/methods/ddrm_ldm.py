@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import MethodArgumentError, StepInfo, check_latent_image_size, make_randn
+from .common import StepInfo, check_latent_image_size, check_rho, make_randn, spectral_consistency
 from .ddim import check_eta, check_range, ddim_schedule, ddim_step
 from .srldm import initial_latent, lr_conditioning, upsample_conditioning
 
@@ -69,25 +69,7 @@ def check_values(*, eta: float, rho: float, start: float, stop: float, **_) -> N
     """The option values DDRM-LDM accepts."""
     check_eta(eta)
     check_range(start, stop)
-    if not rho >= 0.0:
-        raise MethodArgumentError(f"rho must be >= 0, got {rho}")
-
-
-def spectral_consistency(operator, x0: torch.Tensor, y: torch.Tensor, sigma_y: float, tau: float) -> torch.Tensor:
-    """Blend ``x0`` with the measurement on the observed spectral rows (step 3 of the module doc)."""
-    B = x0.shape[0]
-    s = operator.singulars.to(x0)
-    observed = s > 0
-    v = operator.Vt(x0).reshape(B, -1)
-    m = s.shape[0]
-    ybar = operator.Ut(y).reshape(B, m) / torch.where(observed, s, torch.ones_like(s))
-    if sigma_y > 0:
-        w = tau**2 / (tau**2 + sigma_y**2 / torch.where(observed, s, torch.ones_like(s)) ** 2)
-    else:
-        w = torch.ones_like(s)
-    w = torch.where(observed, w, torch.zeros_like(w))
-    v = torch.cat([v[:, :m] + w * (ybar - v[:, :m]), v[:, m:]], dim=1)
-    return operator.V(v).reshape(x0.shape)
+    check_rho(rho)
 
 
 def estimate_error_std(a_t: float, rho: float) -> float:

@@ -2,7 +2,8 @@
 
 The measurement is turned into the model's low-resolution conditioning and the LDM-SR model samples a
 high-resolution image with the official DDIM sampler (``methods.ddim``); the degradation model itself is
-not used beyond its shapes, and ``sigma_y`` is ignored (SRLDM does not model the measurement noise).
+not used beyond its shapes, and ``sigma_y`` is ignored (SRLDM does not model the measurement noise),
+unless the option ``consistency`` (not the report's) asks for a final data-consistency step.
 
 Conditioning, decided from the shapes (``operator.in_shape`` = (C, H, W), and the measurement seen as an
 image through ``operator.to_image(y)``; a grey measurement is repeated to RGB):
@@ -32,17 +33,21 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .common import MethodArgumentError, StepInfo, make_randn
+from .common import MethodArgumentError, StepInfo, check_rho, make_randn, spectral_consistency
 from .ddim import check_eta, check_range, ddim_sample, ddim_schedule
 
 LR_FILTERS = ("bicubic", "area", "bilinear")
+#: default ``rho``: the assumed error std (in [-1, 1] units) of SRLDM's output on the rows H observes,
+#: which weighs it against a noisy measurement in the ``consistency`` step
+CONSISTENCY_RHO = 0.3
 
 
-def check_values(*, eta: float, start: float, lr_filter: str, **_) -> None:
+def check_values(*, eta: float, start: float, lr_filter: str, rho: float, **_) -> None:
     """The option values SRLDM accepts."""
     check_eta(eta)
     check_range(start)
     _check_lr_filter(lr_filter)
+    check_rho(rho)
 
 
 def _check_lr_filter(lr_filter: str) -> None:
@@ -117,6 +122,8 @@ def restore(
     callback: Callable[[dict], None] | None = None,
     lr_filter: str = "bicubic",
     start: float = 1.0,
+    consistency: bool = False,
+    rho: float = CONSISTENCY_RHO,
 ) -> torch.Tensor:
     """SRLDM restoration of ``y``; returns x_hat (B, C, H, W) in [-1, 1].
 
@@ -124,13 +131,20 @@ def restore(
     over the first ``start`` of the diffusion only, starting from the bicubic upsampled conditioning
     encoded and diffused to that level (``initial_latent``).
 
+    ``consistency`` (off in the report's SRLDM) blends the decoded output with the measurement in the
+    spectral space of ``H`` (``common.spectral_consistency``, the output's error std taken as ``rho``;
+    for a noiseless measurement the projection onto ``{x : Hx = y}``, whatever ``rho``). Why:
+    nothing else ties SRLDM's low frequencies to the measurement, and a small autoencoder drifts in
+    colour; this keeps the generated detail and replaces what ``H`` observes (the diffusion-SR
+    "colour fix", done with the true operator). The output is then not clamped, like DDRM's.
+
     ``randn(shape)``, when given, supplies every standard-normal draw in order (x_T, then one per step);
     otherwise they come from ``generator``. ``callback(info)`` gets a ``StepInfo`` per step: ``i``,
     ``steps``, ``t``, the latents ``z_t`` (the state the UNet evaluated) and ``z0`` (its x0
     prediction), and their decodes ``x_t`` and ``x0`` cropped to (H, W), decoded only when read.
     """
-    del sigma_y  # SRLDM conditions on the measurement as if it were a clean LR image
-    check_values(eta=eta, start=start, lr_filter=lr_filter)
+    # SRLDM conditions on the measurement as if it were a clean LR image; sigma_y only weighs ``consistency``
+    check_values(eta=eta, start=start, lr_filter=lr_filter, rho=rho)
     _, H, W = operator.in_shape
     f, m = prior.downscale, prior.multiple_of
     device = prior.alphas_cumprod.device
@@ -165,4 +179,7 @@ def restore(
             randn=randn,
             callback=step_cb,
         )
-        return decode(z0).clamp(-1.0, 1.0)
+        x = decode(z0)
+        if consistency:
+            return spectral_consistency(operator, x, y.to(x), sigma_y, rho)
+        return x.clamp(-1.0, 1.0)
