@@ -13,7 +13,8 @@ Each ratio is printed for eager networks and for frozen TorchScript graphs (``pr
 priors frozen alike, graphs traced during the warm-up), each method against DDRM in the same mode.
 
     PYTHONPATH=src python bench/latent_speed.py --pixel-prior builtin:pixel-s \
-        --latent-prior builtin:ldmsr-xs [--steps 10,50] [--repeats 3] [--threads 1] [--modes eager,frozen]
+        --latent-prior builtin:ldmsr-xs [--steps 10,50] [--repeats 3] [--threads 1] [--modes eager,frozen] \
+        [--srldm-options consistency=true]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from diffrestore.methods import get_method  # noqa: E402
+from diffrestore.methods import check_options, get_method  # noqa: E402
 from diffrestore.operators.tasks import make_task  # noqa: E402
 from diffrestore.priors.loading import load_prior  # noqa: E402
 
@@ -48,7 +49,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--modes", default="eager,frozen", help="network modes to time: eager, frozen or both")
+    ap.add_argument("--srldm-options", default="", metavar="NAME=VALUE,...", help="SRLDM options, e.g. consistency=true")
     args = ap.parse_args()
+    try:
+        pairs = [item.partition("=") for item in args.srldm_options.split(",") if item.strip()]
+        options = {"ddrm": {}, "srldm": check_options("srldm", {k.strip(): v.strip() for k, _, v in pairs})}
+    except ValueError as e:
+        ap.error(f"--srldm-options: {e}")
     modes = args.modes.split(",")
     if not modes or not set(modes) <= {"eager", "frozen"}:
         ap.error(f"--modes {args.modes!r}: choose from eager, frozen")
@@ -66,7 +73,8 @@ def main() -> None:
     def run(key: tuple[str, str], steps: int):
         restore = get_method(key[0]).restore
         with torch.no_grad():
-            restore(priors[key], task.operator, y, sigma_y=0.0, steps=steps, generator=torch.Generator().manual_seed(1))
+            restore(priors[key], task.operator, y, sigma_y=0.0, steps=steps, generator=torch.Generator().manual_seed(1),
+                    **options[key[0]])
 
     for key in priors:  # warm-up (traces the frozen graphs)
         run(key, 2)
@@ -78,7 +86,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     per_step = {key: (med[(key, s2)] - med[(key, s1)]) / (s2 - s1) for key in priors}
     print(f"sr4 {args.size}x{args.size}, {args.threads} thread(s), median of {args.repeats}; pixel {args.pixel_prior}, "
-          f"latent {args.latent_prior}")
+          f"latent {args.latent_prior}; SRLDM options {options['srldm'] or 'none'}")
     for key in priors:
         print(f"  {key[0]:6s} {key[1]:6s} {s1} steps {med[(key, s1)]:7.3f} s   {s2} steps {med[(key, s2)]:7.3f} s   "
               f"per step {per_step[key] * 1e3:7.1f} ms")
