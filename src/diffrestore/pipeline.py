@@ -111,6 +111,16 @@ def std_map_image(std: torch.Tensor) -> torch.Tensor:
     return (std.mean(dim=1, keepdim=True) / STD_MAP_WHITE).clamp(0, 1) * 2 - 1
 
 
+def spread_stats(std: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean and max of one image's per-pixel spread, and (clean image ``x`` given) the correlation of
+    its channel mean with the absolute error of ``x_hat``: how well the spread says where the errors are."""
+    out = {"mean": float(std.mean()), "max": float(std.max())}
+    if x is not None:
+        error = (x_hat.float() - x.float()).abs().mean(dim=1).flatten()
+        out["error_correlation"] = float(torch.corrcoef(torch.stack([std.float().mean(dim=1).flatten(), error]))[0, 1])
+    return out
+
+
 def _measurement_factor(task_name: str, overrides: dict) -> int:
     """Spatial ratio image side / measurement side of a task (4 for sr4, 1 for deblur)."""
     from diffrestore.operators.tasks import make_task
@@ -221,10 +231,7 @@ def restore_file_inputs(
         files = {f"{stem}_{task_name}_{method}.png": x_hat}
         if std is not None:
             files[f"{stem}_{task_name}_{method}_std.png"] = std_map_image(std)
-            record["sample_std"] = {"mean": float(std.mean()), "max": float(std.max()), "png_white": STD_MAP_WHITE}
-            if degrade:
-                error = (x_hat - x).abs().mean(dim=1).flatten()
-                record["sample_std"]["error_correlation"] = float(torch.corrcoef(torch.stack([std.mean(dim=1).flatten(), error]))[0, 1])
+            record["sample_std"] = {**spread_stats(std, x_hat, x if degrade else None), "png_white": STD_MAP_WHITE}
         if degrade:
             baseline = task.baseline(y).clamp(-1, 1)
             record.update(

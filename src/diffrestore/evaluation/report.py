@@ -50,7 +50,7 @@ from diffrestore.evaluation.runner import (
 TIMING_FIELDS = ("seconds_per_image", "throughput_samples_per_s", "throughput_batch_size", "throughput_device", "throughput_dtype")
 CSV_FIELDS = (
     "task", "method", "steps", "n_images", "psnr", "ssim", "fid", "kid", "lpips", "consistency",
-    "throughput_samples_per_s", "throughput_batch_size", "throughput_device", "throughput_dtype",
+    "sample_std", "std_error_correlation", "throughput_samples_per_s", "throughput_batch_size", "throughput_device", "throughput_dtype",
     "seconds_per_image", "fid_note",
 )  # fmt: skip
 
@@ -160,7 +160,7 @@ def _row(key, records, n_total, feats: _Features, reason: str, throughput: dict)
         "n_images": len(records),
         "complete": len(records) == n_total,
     }
-    for metric in ("psnr", "ssim", "lpips", "consistency"):
+    for metric in ("psnr", "ssim", "lpips", "consistency", "sample_std", "std_error_correlation"):
         row[metric] = _mean(records, metric)
     row["seconds_per_image"] = _mean(records, "seconds")
     fid = kid = None
@@ -269,6 +269,11 @@ def tables_markdown(results: dict) -> str:
             cells = [label, _num(r["psnr"], 2), _num(r["ssim"], 4), fid] + ([_num(r["lpips"], 4)] if has_lpips else [])
             cells.append("—" if r["method"] == BASELINE else _rate(r["throughput_samples_per_s"]))
             lines.append("| " + " | ".join(cells) + " |")
+        spread = [r for r in rows if r["sample_std"] is not None]
+        if spread:
+            lines += ["", "Spread of the samples each restoration averages (per-pixel std in [-1, 1] units, mean over "
+                      "images; its correlation with the absolute error, mean over images): " + "; ".join(
+                          f"{r['label']} {r['sample_std']:.4f}, {r['std_error_correlation']:.2f}" for r in spread) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -85,7 +85,7 @@ from diffrestore import io
 from diffrestore.evaluation.data import choose_subset, find_images, load_eval_image
 from diffrestore.evaluation.distributed import Dist, from_env, launched_by_torchrun, spawn
 from diffrestore.methods import check_options, get_method
-from diffrestore.pipeline import image_seed, lcm, measure_image, prior_multiple, run_method
+from diffrestore.pipeline import image_seed, lcm, measure_image, prior_multiple, run_method, spread_stats
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 FORMAT = 1
@@ -810,17 +810,20 @@ def run_records(plan: Plan, dist: Dist, res: _Resources) -> int:
 
                 if method == BASELINE:
                     start = time.perf_counter()
-                    x_hat = task.baseline(y)
+                    x_hat, std = task.baseline(y), None
                     seconds = time.perf_counter() - start
                 else:
                     priors = res.priors_for(method, task_name)
-                    x_hat, seconds, _ = run_method(
+                    x_hat, seconds, std = run_method(
                         method, priors, task, y, steps=steps, seed=image_seed(seed, image_id), callback=callback,
                         **grid.get("options", {}).get(method, {}),
                     )
                 x_hat = x_hat.detach().float().clamp(-1, 1).to(xd.device)
                 record = {"task": task_name, "method": method, "steps": steps, "image_id": image_id, "index": i}
                 record.update(image_metrics(x_hat, xd))
+                if std is not None:  # samples > 1: how far the draws spread, and where
+                    spread = spread_stats(std.to(xd.device), x_hat, xd)
+                    record.update(sample_std=spread["mean"], std_error_correlation=spread["error_correlation"])
                 record["consistency"] = float((task.operator.H(x_hat) - y).reshape(-1).norm())
                 record["seconds"] = seconds
                 where = cell_dir(task_name, method, steps)
