@@ -100,7 +100,7 @@ def test_parse_options_types_values_by_the_methods_defaults():
         ("ddrm:eta", "is not METHOD:NAME=VALUE"),
         ("ddrm:=1", "is not METHOD:NAME=VALUE"),
         ("nope:eta=1", "unknown method 'nope'"),
-        ("ddrm:stop=0.4", "method ddrm has no option 'stop' (its options: eta, eta_b, official_zero_singular_bug, samples)"),
+        ("ddrm:stop=0.4", "method ddrm has no option 'stop' (its options: eta, eta_b, official_zero_singular_bug, consistency, rho, samples)"),
         ("srldm:stop=0.4", "method srldm has no option 'stop' (its options: eta, lr_filter, start, consistency, rho, samples)"),
         ("ddrm:steps=5", "has no option 'steps'"),  # set by --steps, not an option
         ("ddrm:eta=high", "method ddrm option eta: 'high' is not a float"),

@@ -130,6 +130,37 @@ def test_batch_equals_single_images_with_the_same_draws(ddrm_helpers):
         assert ddrm_helpers.rel_l2(one, both[b : b + 1]) < 1e-6
 
 
+@pytest.mark.parametrize("task_name", ["sr4", "noisy-sr4", "deblur"])
+def test_consistency_blends_the_plain_output_with_the_measurement(task_name):
+    """consistency=True returns the plain output (same seed) moved toward y on the observed rows:
+    noiseless, the projection x + A^+ (y - A x) with A's dense pseudo-inverse (the operator's own
+    singular-value cut-off); noisy (sr4's singulars all s = 1/4), A x moves by w = rho^2 / (rho^2 +
+    sigma^2 / s^2) toward y and the change lies in A's row space."""
+    task = _task(task_name)
+    op = task.operator
+    y = task.measure(_image(), generator=torch.Generator().manual_seed(0))
+
+    def run(**kw):
+        return ddrm.restore(LinearPrior(), op, y, sigma_y=task.sigma_y, steps=5,
+                            generator=torch.Generator().manual_seed(3), **kw).double().reshape(-1)
+
+    raw, out = run(), run(consistency=True)
+    A, yv = op.dense_matrix().double(), y.double().reshape(-1)
+    if task.sigma_y == 0:
+        s = op.singulars.double()
+        rcond = float(op.threshold / s.max()) if op.threshold > 0 else 1e-12
+        want = raw + torch.linalg.pinv(A, rtol=rcond + 1e-12) @ (yv - A @ raw)
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=0)
+    else:
+        rho, s = ddrm.CONSISTENCY_RHO, 0.25
+        w = rho**2 / (rho**2 + task.sigma_y**2 / s**2)
+        torch.testing.assert_close(A @ out, A @ raw + w * (yv - A @ raw), atol=1e-4, rtol=0)
+        change = out - raw
+        in_row_space = A.T @ torch.linalg.lstsq(A.T, change.unsqueeze(1)).solution.squeeze(1)
+        torch.testing.assert_close(in_row_space, change, atol=1e-4, rtol=0)
+    assert (out - raw).abs().max() > 1e-3  # the step did something
+
+
 def test_draw_order_and_shapes():
     task = _task("noisy-sr4")
     op = task.operator
@@ -197,6 +228,8 @@ def test_argument_errors():
         ddrm.restore(p, op, y, sigma_y=0.0, x_T=torch.zeros(1, 3, 8, 8))
     with pytest.raises(MethodArgumentError, match="eta_b"):
         ddrm.restore(p, op, y, sigma_y=0.0, eta_b=-0.1)
+    with pytest.raises(MethodArgumentError, match="rho"):
+        ddrm.restore(p, op, y, sigma_y=0.0, consistency=True, rho=-1.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
