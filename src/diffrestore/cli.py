@@ -109,7 +109,8 @@ def _add_restore(sub) -> None:
     p.add_argument(
         "--samples", type=int, default=None, metavar="N",
         help="write the mean of N samples (an estimate of the posterior mean: higher PSNR, N times the cost) "
-        "and IMG_TASK_METHOD_std.png, their per-pixel spread (white: std 0.1 in [-1, 1] units or more)",
+        "and IMG_TASK_METHOD_std.png, their per-pixel spread (white: std 0.1 in [-1, 1] units or more); "
+        "the N samples run as one batch, so memory grows with N",
     )
     p.add_argument(
         "--option", action="append", default=[], metavar="NAME=VALUE",
