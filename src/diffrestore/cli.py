@@ -125,7 +125,7 @@ def _add_restore(sub) -> None:
 def cmd_restore(args) -> int:
     from diffrestore.methods import check_options, get_method, method_options
     from diffrestore.operators.tasks import make_task
-    from diffrestore.pipeline import image_seed, restore_file_inputs
+    from diffrestore.pipeline import restore_file_inputs
     from diffrestore.priors.loading import load_prior
 
     info = get_method(args.method)

@@ -43,10 +43,8 @@ class MethodInfo:
         on the defaults updated with ``options``); needs no model."""
         check_samples(options.get("samples", 1))
         checker = getattr(self.implementation, "check_values", None)
-        if checker is not None:
-            defaults = method_options(self.name)
-            defaults.pop("samples")
-            checker(**{**defaults, **{k: v for k, v in options.items() if k != "samples"}})
+        if checker is not None:  # module checkers take the options they judge and ignore the rest
+            checker(**{**method_options(self.name), **options})
 
     def restore_draws(self, prior, operator, y: torch.Tensor, *, samples: int, **kwargs) -> torch.Tensor:
         """``samples`` independent restorations of each measurement, drawn as one batch: (B, samples, ...).

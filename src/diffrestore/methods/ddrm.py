@@ -257,5 +257,5 @@ def restore(
             callback(StepInfo(i=k, steps=len(plan), t=p["t"], x_t=x, x0=x0))
         x = x_next
     if consistency:
-        return spectral_consistency(operator, x, y, sigma_0, rho).to(dtype)
+        return spectral_consistency(operator, x, y, sigma_0, rho)
     return x
