@@ -179,7 +179,8 @@ def cmd_restore(args) -> int:
     for r in results:
         line = f"{r['input']}: {r['method']} {r['task']} in {r['seconds']:.1f}s"
         if "psnr" in r:
-            line += f"  PSNR {r['psnr']:.2f} dB (baseline {r['baseline_psnr']:.2f})  SSIM {r['ssim']:.4f}"
+            line += f"  PSNR {r['psnr']:.2f} dB (baseline {r['baseline_psnr']:.2f})  PSNR-Y {r['psnr_y']:.2f} dB  SSIM {r['ssim']:.4f}"
+            line += f"  LPIPS {r['lpips']:.4f}" if "lpips" in r else f"  LPIPS {r['lpips_note']}"
         print(line)
     print(f"results in {out}/")
     return 0

@@ -164,7 +164,7 @@ def restore_file_inputs(
     from tqdm.auto import tqdm
 
     from diffrestore import io
-    from diffrestore.evaluation.metrics import psnr, ssim
+    from diffrestore.evaluation.metrics import full_reference, psnr, ssim
     from diffrestore.operators.tasks import make_task
 
     stems = [p.stem for p, _ in images]
@@ -234,9 +234,8 @@ def restore_file_inputs(
             record["sample_std"] = {**spread_stats(std, x_hat, x if degrade else None), "png_white": STD_MAP_WHITE}
         if degrade:
             baseline = task.baseline(y).clamp(-1, 1)
+            record.update(full_reference(x_hat, x))  # psnr, psnr_y, ssim, lpips (or lpips_note)
             record.update(
-                psnr=float(psnr(x_hat, x)[0]),
-                ssim=float(ssim(x_hat, x)[0]),
                 baseline_psnr=float(psnr(baseline, x)[0]),
                 baseline_ssim=float(ssim(baseline, x)[0]),
                 consistency=float((task.operator.H(x_hat) - y).norm()),

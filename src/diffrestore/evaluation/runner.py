@@ -11,9 +11,10 @@ Files in RUN
                      ``last_invocation`` (device, batch size, ... informational).
 ``files.txt``        the chosen images, paths relative to the data folder, in index order.
 ``records.jsonl``    one JSON object per line and per (method, task, steps, image): ``task, method,
-                     steps, image_id, index, psnr, ssim, consistency`` (= ||H x_hat - y||),
+                     steps, image_id, index, psnr, psnr_y, ssim, lpips`` (or ``lpips_note`` when
+                     its weights are missing), ``consistency`` (= ||H x_hat - y||),
                      ``seconds`` and, when stored, ``features`` / ``image`` (paths relative to
-                     RUN). The degraded-input baseline has ``method "baseline"``, ``steps 0``;
+                     RUN); see ``metrics.full_reference``. The degraded-input baseline has ``method "baseline"``, ``steps 0``;
                      every grid has it. ``--methods baseline`` alone makes a baseline-only run
                      (no method, no prior, no model loaded); naming methods later extends it.
                      Append-only; each line is written with one ``os.write`` on an ``O_APPEND`` fd
@@ -179,23 +180,10 @@ def load_prior(spec: str, device: str, dtype: str, kind: str, adm_config: dict |
     )
 
 
-_LPIPS_STATE: dict = {}
-
-
-def image_metrics(x_hat: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """Full-reference metrics of one image (batch of 1, [-1, 1]): psnr, ssim and, if usable, lpips."""
-    metrics = _import("diffrestore.evaluation.metrics", "the metrics module")
-    out = {"psnr": float(metrics.psnr(x_hat, ref)[0]), "ssim": float(metrics.ssim(x_hat, ref)[0])}
-    lpips = getattr(metrics, "lpips", None)
-    if lpips is not None and _LPIPS_STATE.get("ok", True):
-        try:
-            out["lpips"] = float(lpips(x_hat, ref)[0])
-            _LPIPS_STATE["ok"] = True
-        except Exception as e:  # optional column: unusable (e.g. no weights) -> left out for the run
-            if "ok" not in _LPIPS_STATE:
-                print(f"diffrestore: LPIPS left out ({str(e).splitlines()[0] if str(e) else type(e).__name__})", file=sys.stderr)
-            _LPIPS_STATE["ok"] = False
-    return out
+def image_metrics(x_hat: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Full-reference metrics of one image (batch of 1, [-1, 1]): psnr, psnr_y, ssim and lpips, or
+    ``lpips_note`` (how to get its weights) when LPIPS cannot be computed."""
+    return _import("diffrestore.evaluation.metrics", "the metrics module").full_reference(x_hat, ref)
 
 
 def load_feature_extractor(device: str):
@@ -776,7 +764,9 @@ def run_records(plan: Plan, dist: Dist, res: _Resources) -> int:
         for m, _s in missing:
             if m != BASELINE:
                 res.priors_for(m, t)
-    image_metrics(torch.zeros(1, 3, settings["size"], settings["size"]), torch.full((1, 3, settings["size"], settings["size"]), 0.5))
+    probe = image_metrics(torch.zeros(1, 3, settings["size"], settings["size"]), torch.full((1, 3, settings["size"], settings["size"]), 0.5))
+    if "lpips_note" in probe and dist.is_main:
+        print(f"diffrestore: LPIPS left out: {probe['lpips_note']}", file=sys.stderr)
     extract = res.features()
 
     seed, size = settings["seed"], settings["size"]
