@@ -1,7 +1,7 @@
 """Tables 1-4 and Figures 4, 6, 7 of an evaluation run, rebuilt from what the run stored.
 
-Nothing here runs a model: numbers come from ``records.jsonl`` (PSNR, SSIM, consistency),
-``features/`` (FID, KID), ``throughput.jsonl`` (samples/s) and the pictures from ``images/`` and
+Nothing here runs a model: numbers come from ``records.jsonl`` (PSNR, PSNR-Y, SSIM, LPIPS,
+consistency, seconds per image), ``features/`` (FID, KID), ``throughput.jsonl`` (samples/s) and the pictures from ``images/`` and
 ``intermediates/`` (see :mod:`diffrestore.evaluation.runner` for the layout). Records are sorted
 and averaged with ``math.fsum``, so the tables do not depend on the order records were written
 in (resume points, ranks).
