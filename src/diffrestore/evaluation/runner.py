@@ -12,10 +12,10 @@ Files in RUN
 ``files.txt``        the chosen images, paths relative to the data folder, in index order.
 ``records.jsonl``    one JSON object per line and per (method, task, steps, image): ``task, method,
                      steps, image_id, index, psnr, psnr_y, ssim, lpips`` (or ``lpips_note`` when
-                     its weights are missing), ``consistency`` (= ||H x_hat - y||),
-                     ``seconds`` and, when stored, ``features`` / ``image`` (paths relative to
-                     RUN); see ``metrics.full_reference``. The degraded-input baseline has ``method "baseline"``, ``steps 0``;
-                     every grid has it. ``--methods baseline`` alone makes a baseline-only run
+                     its weights are missing; see ``metrics.full_reference``), ``consistency``
+                     (= ||H x_hat - y||), ``seconds`` and, when stored, ``features`` / ``image``
+                     (paths relative to RUN). The degraded-input baseline has ``method
+                     "baseline"``, ``steps 0``; every grid has it. ``--methods baseline`` alone makes a baseline-only run
                      (no method, no prior, no model loaded); naming methods later extends it.
                      Append-only; each line is written with one ``os.write`` on an ``O_APPEND`` fd
                      and fsynced, so concurrent ranks never interleave. Readers skip a line that
