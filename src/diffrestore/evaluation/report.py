@@ -138,12 +138,17 @@ def _mean(records: list[dict], key: str) -> float | None:
 
 
 def _lpips_note(records: list[dict]) -> str:
-    """Why a cell has no LPIPS: the records' own note (weights missing: how to get them)."""
+    """Why a cell has no LPIPS: the records' own note (weights missing: how to get them), or that
+    some records were written without it (a run resumed across versions)."""
     missing = [r for r in records if "lpips" not in r]
-    note = next((r["lpips_note"] for r in missing if r.get("lpips_note")), "n/a (not recorded)")
+    note = next((r["lpips_note"] for r in missing if r.get("lpips_note")), None)
+    if note and len(missing) == len(records):
+        return note
+    reason = note[len("n/a (") : -1] if note and note.startswith("n/a (") and note.endswith(")") else note
+    reason = reason or "not recorded by this run's version of diffrestore"
     if len(missing) < len(records):
-        return f"n/a ({len(missing)} of {len(records)} images lack it: {note})"
-    return note
+        return f"n/a ({len(missing)} of {len(records)} images lack it: {reason})"
+    return f"n/a ({reason})"
 
 
 def _row(key, records, n_total, feats: _Features, reason: str, throughput: dict) -> dict:
