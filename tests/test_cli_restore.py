@@ -5,6 +5,8 @@ import warnings
 
 import numpy as np
 import pytest
+
+from diffrestore.methods import method_options
 import torch
 from PIL import Image
 
@@ -188,7 +190,9 @@ def test_samples_reaches_ddrm_and_the_record_keeps_the_options(tmp_path, photo, 
         assert main(argv + (["--samples", str(samples)] if samples else [])) == 0
         outs[samples] = read_image(out / "photo_noisy-sr4_ddrm.png")
         records[samples] = json.loads((out / "photo_noisy-sr4_ddrm.json").read_text())
-    assert records[None]["options"] == {"eta": 0.9} and records[3]["options"] == {"eta": 0.9, "samples": 3}
+    defaults = method_options("ddrm")
+    assert records[None]["options"] == {**defaults, "eta": 0.9}
+    assert records[3]["options"] == {**defaults, "eta": 0.9, "samples": 3}
     assert not torch.equal(outs[3], outs[None])  # the option reached the method (its mean: tests/methods)
     assert "sample_std" not in records[None] and records[3]["sample_std"]["mean"] > 0
 
@@ -205,7 +209,7 @@ def test_samples_of_a_latent_method_write_the_spread_map(tmp_path, photo, ldm):
                  "--out", str(out), "--degrade", "--no-progress", "--samples", "2"]) == 0
     record = json.loads((out / "photo_sr4_srldm.json").read_text())
     stats = record["sample_std"]
-    assert record["options"] == {"samples": 2} and stats["png_white"] == STD_MAP_WHITE
+    assert record["options"] == {**method_options("srldm"), "samples": 2} and stats["png_white"] == STD_MAP_WHITE
     assert 0 < stats["mean"] <= stats["max"] and -1 <= stats["error_correlation"] <= 1
     png = np.asarray(Image.open(out / "photo_sr4_srldm_std.png"))
     assert png.ndim == 2 and png.shape == tuple(record["size"])
@@ -326,7 +330,9 @@ def test_any_method_option_by_name(tmp_path, photo, ldm):
         assert main(["restore", str(photo), "--task", "sr4", "--method", "srldm", "--prior", ldm, "--steps", "3",
                      "--out", str(out), "--degrade", "--no-progress", *extra]) == 0
         records[len(extra)] = json.loads((out / "photo_sr4_srldm.json").read_text())
-    assert records[2]["options"] == {"consistency": True} and records[0]["options"] == {}
+    # records keep every option's value as used: the default where none was given
+    assert records[2]["options"]["consistency"] is True and records[0]["options"]["consistency"] is False
+    assert records[0]["options"] == method_options("srldm") and records[0]["steps"] == 3
     assert records[2]["consistency_raw"] < 1e-3 < records[0]["consistency_raw"]
 
 

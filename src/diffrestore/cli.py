@@ -415,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_demo(sub)
     _add_train(sub)
+    _add_app(sub)
     return parser
 
 
@@ -438,6 +439,37 @@ def cmd_train(args) -> int:
     import importlib
 
     return importlib.import_module(TRAINERS[args.kind]).main(args.args)
+
+
+def _add_app(sub) -> None:
+    p = sub.add_parser(
+        "app", help="serve a web page to restore photos (needs the app extra: pip install -e \".[app]\")",
+        description="Start the web app on this computer: upload a photo, say what is wrong with it, compare "
+        "before and after, download the result. Listens on 127.0.0.1 only unless --host says otherwise.",
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this computer only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    p.add_argument("--device", default="cpu", help="where the networks run (default cpu)")
+    p.add_argument(
+        "--max-output-pixels", type=int, default=1024 * 1024, metavar="N",
+        help="refuse jobs whose restored image has more pixels than this (default 1048576 = 1024x1024)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_app)
+
+
+def cmd_app(args) -> int:
+    from diffrestore.app import launch, missing_gradio_message
+
+    missing = missing_gradio_message()
+    if missing:
+        raise CLIError(missing)
+    if not 0 < args.port < 65536:
+        raise CLIError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_output_pixels < 1:
+        raise CLIError(f"--max-output-pixels must be positive, got {args.max_output_pixels}")
+    launch(host=args.host, port=args.port, share=args.share, device=args.device, max_output_pixels=args.max_output_pixels)
+    return 0
 
 
 def main(argv=None) -> int:

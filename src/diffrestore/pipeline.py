@@ -136,6 +136,102 @@ def prior_multiple(prior) -> int:
     return prior.multiple_of
 
 
+class ImageResult(NamedTuple):
+    """One restored image and what produced it (all tensors (1, C, H, W) in [-1, 1] on the CPU or device)."""
+
+    x_hat: torch.Tensor  # the restoration, clamped to [-1, 1]
+    raw: torch.Tensor  # the restoration before clamping
+    std: torch.Tensor | None  # per-pixel spread of the draws (samples > 1)
+    x: torch.Tensor | None  # the clean image (degrade=True), else None
+    y: torch.Tensor  # the measurement the method saw
+    task: object  # the Task (operator, sigma_y, baseline)
+    note: str | None  # what was cropped, if anything
+    seconds: float
+    steps: int  # the steps actually run
+
+
+def restore_image(
+    img: torch.Tensor,
+    *,
+    method: str,
+    prior,
+    task_name: str,
+    overrides: dict,
+    degrade: bool,
+    steps: int | None,
+    seed: int,
+    image_id: str,
+    device: str,
+    mask=None,
+    callback=None,
+    method_kwargs: dict | None = None,
+) -> ImageResult:
+    """Restore one image (3, H, W) in [-1, 1]: the measurement itself, or (``degrade``) a clean image
+    that is degraded first with a draw seeded from (``seed``, ``image_id``). Sides are centre-cropped
+    to what the operator and prior need. The one per-image path of ``restore``, the Python API and the app."""
+    from diffrestore.operators.tasks import make_task
+
+    factor = _measurement_factor(task_name, overrides)
+    multiple = lcm(factor, prior_multiple(prior))
+    need = multiple if degrade else max(1, multiple // factor)
+    cropped, box = crop_to_multiple(img.unsqueeze(0), need)
+    note = None
+    if box is not None:
+        note = f"centre-cropped {img.shape[-2]}x{img.shape[-1]} to {box[2]}x{box[3]} (sides must be multiples of {need})"
+    task_overrides = dict(overrides)
+    if mask is not None:
+        task_overrides["mask"] = mask
+    x = None
+    if degrade:
+        x = cropped.to(device)
+        task = make_task(task_name, tuple(x.shape[1:]), **task_overrides)
+        y = measure_image(task, x, seed, image_id).to(device)
+    else:
+        h, w = cropped.shape[-2:]
+        task = make_task(task_name, (3, h * factor, w * factor), **task_overrides)
+        y = cropped.to(device)
+        if task.operator.measurement_shape[0] == 1 and y.shape[1] == 3:
+            y = y.mean(dim=1, keepdim=True)
+        if tuple(y.shape[1:]) != tuple(task.operator.measurement_shape):
+            raise ValueError(f"{image_id}: measurement of shape {tuple(y.shape[1:])} does not fit task {task_name}")
+    steps = steps or get_method(method).default_steps
+    raw, seconds, std = run_method(
+        method, {"pixel": prior, "latent": prior}, task, y, steps=steps, seed=image_seed(seed, image_id),
+        callback=callback, **(method_kwargs or {}),
+    )  # fmt: skip
+    return ImageResult(raw.clamp(-1, 1), raw, std, x, y, task, note, seconds, steps)
+
+
+def used_options(method: str, given: dict) -> dict:
+    """Every option of ``method`` with the value a run used: its default unless ``given``."""
+    from diffrestore.methods import method_options
+
+    return {**method_options(method), **{k: v for k, v in given.items() if v is not None}}
+
+
+def quality_record(result: ImageResult) -> dict[str, float]:
+    """PSNR (RGB and Y) / SSIM / LPIPS of the restoration, PSNR / SSIM of the task's baseline against the clean image, and how far
+    each is from the measurement (``||H x - y||``; ``_raw``: before clamping, what the method enforces).
+    Without a clean image only the consistency numbers."""
+    from diffrestore.evaluation.metrics import full_reference, psnr, ssim
+
+    op, y = result.task.operator, result.y
+    baseline = result.task.baseline(y).clamp(-1, 1)
+    out = {
+        "consistency": float((op.H(result.x_hat) - y).norm()),
+        "consistency_raw": float((op.H(result.raw) - y).norm()),
+        "baseline_consistency": float((op.H(baseline) - y).norm()),
+    }
+    if result.x is not None:
+        x = result.x
+        out.update(full_reference(result.x_hat, x))  # psnr, psnr_y, ssim, lpips (or lpips_note)
+        out.update(
+            baseline_psnr=float(psnr(baseline, x)[0]),
+            baseline_ssim=float(ssim(baseline, x)[0]),
+        )
+    return out
+
+
 def restore_file_inputs(
     images,
     *,
@@ -164,87 +260,49 @@ def restore_file_inputs(
     from tqdm.auto import tqdm
 
     from diffrestore import io
-    from diffrestore.evaluation.metrics import full_reference, psnr, ssim
-    from diffrestore.operators.tasks import make_task
 
     stems = [p.stem for p, _ in images]
     if len(set(stems)) != len(stems):
         raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
-    factor = _measurement_factor(task_name, overrides)
-    multiple = lcm(factor, prior_multiple(prior))
+    steps = steps or get_method(method).default_steps
     records = []
     bar = tqdm(images, desc="images", unit="img", disable=not progress or len(images) == 1)
     for path, img in bar:
-        image_id = path.name
-        note = None
-        if degrade:
-            x, box = crop_to_multiple(img.unsqueeze(0), multiple)
-        else:
-            x = None
-            y_img, box = crop_to_multiple(img.unsqueeze(0), max(1, multiple // factor))
-        if box is not None:
-            note = f"centre-cropped {img.shape[-2]}x{img.shape[-1]} to {box[2]}x{box[3]} (sides must be multiples of {multiple if degrade else max(1, multiple // factor)})"
-            print(f"{path.name}: {note}", file=sys.stderr)
-        task_overrides = dict(overrides)
-        if mask is not None:
-            task_overrides["mask"] = mask
-        if degrade:
-            x = x.to(device)
-            task = make_task(task_name, tuple(x.shape[1:]), **task_overrides)
-            y = measure_image(task, x, seed, image_id).to(device)
-        else:
-            h, w = y_img.shape[-2:]
-            task = make_task(task_name, (3, h * factor, w * factor), **task_overrides)
-            y = y_img.to(device)
-            if task.operator.measurement_shape[0] == 1 and y.shape[1] == 3:
-                y = y.mean(dim=1, keepdim=True)
-            if tuple(y.shape[1:]) != tuple(task.operator.measurement_shape):
-                raise ValueError(f"{path}: measurement of shape {tuple(y.shape[1:])} does not fit task {task_name}")
-        step_bar = tqdm(total=steps or 0, desc=f"{path.name} {method}", unit="step", leave=False, disable=not progress)
-
-        def on_step(*_args, **_kwargs):
-            step_bar.update(1)
-
-        x_hat, seconds, std = run_method(
-            method, {"pixel": prior, "latent": prior}, task, y, steps=steps, seed=image_seed(seed, image_id), callback=on_step, **method_kwargs
-        )
+        step_bar = tqdm(total=steps, desc=f"{path.name} {method}", unit="step", leave=False, disable=not progress)
+        result = restore_image(
+            img, method=method, prior=prior, task_name=task_name, overrides=overrides, degrade=degrade,
+            steps=steps, seed=seed, image_id=path.name, device=device, mask=mask,
+            callback=lambda *_a, **_k: step_bar.update(1), method_kwargs=method_kwargs,
+        )  # fmt: skip
         step_bar.close()
-        raw, x_hat = x_hat, x_hat.clamp(-1, 1)
-        stem = path.stem
+        if result.note is not None:
+            print(f"{path.name}: {result.note}", file=sys.stderr)
         record = {
             "input": str(path),
-            "image_id": image_id,
+            "image_id": path.name,
             "method": method,
             "task": task_name,
             "prior": prior_spec,
             **({"adm_config": adm_config} if adm_config is not None else {}),
-            "steps": steps,
-            "options": {k: v for k, v in method_kwargs.items() if v is not None},
+            "steps": result.steps,
+            "options": used_options(method, method_kwargs),
             "seed": seed,
-            "sigma_y": task.sigma_y,
-            "overrides": {k: v for k, v in overrides.items()},
-            "size": list(x_hat.shape[-2:]),
-            "crop": note,
-            "seconds": seconds,
+            "sigma_y": result.task.sigma_y,
+            "overrides": dict(overrides),
+            "size": list(result.x_hat.shape[-2:]),
+            "crop": result.note,
+            "seconds": result.seconds,
             "device": str(device),
+            **quality_record(result),
         }
+        stem, x_hat = path.stem, result.x_hat
         files = {f"{stem}_{task_name}_{method}.png": x_hat}
-        if std is not None:
-            files[f"{stem}_{task_name}_{method}_std.png"] = std_map_image(std)
-            record["sample_std"] = {**spread_stats(std, x_hat, x if degrade else None), "png_white": STD_MAP_WHITE}
+        if result.std is not None:
+            files[f"{stem}_{task_name}_{method}_std.png"] = std_map_image(result.std)
+            record["sample_std"] = {**spread_stats(result.std, x_hat, result.x), "png_white": STD_MAP_WHITE}
         if degrade:
-            baseline = task.baseline(y).clamp(-1, 1)
-            record.update(full_reference(x_hat, x))  # psnr, psnr_y, ssim, lpips (or lpips_note)
-            record.update(
-                baseline_psnr=float(psnr(baseline, x)[0]),
-                baseline_ssim=float(ssim(baseline, x)[0]),
-                consistency=float((task.operator.H(x_hat) - y).norm()),
-                # before clamping to [-1, 1]: what the method itself enforces, whatever the prior's quality
-                consistency_raw=float((task.operator.H(raw) - y).norm()),
-                baseline_consistency=float((task.operator.H(baseline) - y).norm()),
-            )
-            files[f"{stem}_{task_name}_degraded.png"] = task.operator.to_image(y)
-            files[f"{stem}_clean.png"] = x
+            files[f"{stem}_{task_name}_degraded.png"] = result.task.operator.to_image(result.y)
+            files[f"{stem}_clean.png"] = result.x
         for name, tensor in files.items():
             io.write_image(out / name, tensor)
             written.append(out / name)

@@ -1,0 +1,173 @@
+"""The Python API: restore an image in one call.
+
+    from diffrestore import restore
+    restore("photo.png", task="denoise").save("restored.png")
+
+``restore`` returns a PIL image for a path, PIL or numpy input and a tensor for a tensor input;
+``run`` returns everything a restoration produced (the image, the spread of the samples, the JSON
+record). Both take the CLI's settings as keywords and check them the same way, before any model is
+loaded. Priors are loaded once per process and reused.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["Restoration", "restore", "run"]
+
+
+@dataclass
+class Restoration:
+    """What one call of :func:`run` produced. Images are PIL images (tensors in [-1, 1], shape
+    (1, C, H, W), when the input was a tensor)."""
+
+    image: Any  # the restoration (the mean of the samples when samples > 1)
+    std_map: Any | None  # per-pixel spread of the samples as a grey image (samples > 1), else None
+    degraded: Any | None  # the measurement as an image (degrade=True), else None
+    record: dict = field(default_factory=dict)  # settings used, time, scores (as restore's JSON record)
+
+
+def restore(image, *, task: str, **settings) -> Any:
+    """Restore ``image`` (a path, PIL image, (H, W, 3) uint8 array, or a (3, H, W) / (1, 3, H, W)
+    tensor in [-1, 1]) for ``task`` (see ``diffrestore tasks``); returns the restored image in the
+    input's kind (PIL, or a tensor for a tensor). ``settings`` are those of :func:`run`."""
+    return run(image, task=task, **settings).image
+
+
+def run(
+    image,
+    *,
+    task: str,
+    method: str = "ddrm",
+    prior: str | Path | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    samples: int = 1,
+    degrade: bool = False,
+    sigma_y: float | None = None,
+    blur_sigma: float | None = None,
+    scale: int | None = None,
+    mask=None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    adm_config: dict | None = None,
+    callback: Callable | None = None,
+    **options,
+) -> Restoration:
+    """Restore one image and return a :class:`Restoration`.
+
+    Args:
+        image: the measurement (a low-resolution, blurred, noisy... photo), or with ``degrade`` a clean
+            image to degrade first and score against.
+        task: the degradation, e.g. ``"sr4-bicubic"`` for a real low-resolution photo, ``"denoise"``.
+        method: a registered method (``diffrestore methods``).
+        prior: a prior spec (ADM ``.pt`` path, diffusers folder, LDM ``.ckpt``, ``builtin:NAME``); the
+            built-in default for the method's kind of prior when None.
+        steps: diffusion steps (the method's default when None); seed: the run seed.
+        samples: the mean of this many draws, with their per-pixel spread as ``std_map``.
+        sigma_y, blur_sigma, scale, mask: task parameters (noise std in [-1, 1] units, blur std in
+            pixels, SR factor, inpainting mask as a path / image, white = observed).
+        device, dtype: where and in which precision the network runs ("fp32", "bf16", "fp16").
+        adm_config: ADM hyper-parameters the checkpoint's weights do not give (the CLI's --adm-config).
+        callback: called once per network evaluation with a ``methods.common.StepInfo``.
+        options: any other method option by name (``eta=1.0``, ``consistency=True``...).
+    """
+    import torch
+
+    from diffrestore.methods import check_options, get_method
+    from diffrestore.operators.tasks import make_task
+    from diffrestore.pipeline import quality_record, restore_image, std_map_image, used_options
+
+    info = get_method(method)
+    given = check_options(info.name, {**options, "samples": samples})
+    overrides = {k: v for k, v in (("sigma_y", sigma_y), ("blur_sigma", blur_sigma), ("scale", scale)) if v is not None}
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    make_task(task, (3, 64, 64), **overrides)  # validates the task name and its parameters
+    x, as_tensor = _to_tensor(image)
+    mask_t = None if mask is None else _to_tensor(mask)[0][0]
+    spec = str(prior) if prior is not None else _default_prior(info.prior)
+    loaded = load_prior_cached(spec, device, dtype, json.dumps(adm_config, sort_keys=True) if adm_config else None)
+    kind = "latent" if hasattr(loaded, "encode") else "pixel"
+    if kind != info.prior:
+        raise ValueError(f"method {info.name} needs a {info.prior} prior, but {spec} is a {kind} prior")
+    result = restore_image(
+        x[0], method=info.name, prior=loaded, task_name=task, overrides=overrides, degrade=degrade,
+        steps=steps, seed=seed, image_id=_image_id(image), device=device, mask=mask_t, callback=callback,
+        method_kwargs=given,
+    )  # fmt: skip
+    record = {
+        "method": info.name, "task": task, "prior": spec, "steps": result.steps,
+        "options": used_options(info.name, given), "seed": seed, "sigma_y": result.task.sigma_y,
+        "overrides": overrides, "size": list(result.x_hat.shape[-2:]), "crop": result.note,
+        "seconds": result.seconds, "device": str(device), **quality_record(result),
+    }  # fmt: skip
+
+    def out(t: torch.Tensor | None):
+        if t is None:
+            return None
+        return t.detach().cpu() if as_tensor else _to_pil(t)
+
+    std = None if result.std is None else std_map_image(result.std)
+    degraded = result.task.operator.to_image(result.y) if degrade else None
+    return Restoration(out(result.x_hat), out(std), out(degraded), record)
+
+
+@functools.lru_cache(maxsize=4)
+def load_prior_cached(spec: str, device: str = "cpu", dtype: str | None = None, adm_config_json: str | None = None):
+    """``priors.loading.load_prior``, once per (spec, device, dtype, ADM config as JSON) in a process
+    (the app and repeated API calls reuse loaded networks)."""
+    from diffrestore.priors.loading import load_prior
+
+    adm_config = json.loads(adm_config_json) if adm_config_json else None
+    return load_prior(spec, device=device, dtype=dtype, adm_config=adm_config)
+
+
+def _default_prior(kind: str) -> str:
+    from diffrestore.priors.catalog import DEFAULT_PRIORS
+
+    return DEFAULT_PRIORS[kind]
+
+
+def _image_id(image) -> str:
+    """The id the measurement noise is seeded from: the file name for a path (as the CLI), else fixed."""
+    return Path(image).name if isinstance(image, (str, Path)) else "image"
+
+
+def _to_tensor(image):
+    """(1, 3, H, W) float32 in [-1, 1], and whether the caller gave a tensor."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from diffrestore import io
+
+    if isinstance(image, (str, Path)):
+        return io.read_image(image).unsqueeze(0), False
+    if isinstance(image, Image.Image):
+        return io.uint8_to_tensor(np.asarray(io.pil_to_rgb(image))).unsqueeze(0), False
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"a numpy image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        return io.uint8_to_tensor(image).unsqueeze(0), False
+    if isinstance(image, torch.Tensor):
+        t = image.detach().float().cpu()
+        t = t.unsqueeze(0) if t.dim() == 3 else t
+        if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] not in (1, 3):
+            raise ValueError(f"a tensor image must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
+        if not torch.isfinite(t).all():
+            raise ValueError("the tensor image has non-finite values")
+        return (t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t), True
+    raise ValueError(f"cannot read an image from a {type(image).__name__}; give a path, PIL image, array or tensor")
+
+
+def _to_pil(t):
+    from PIL import Image
+
+    from diffrestore import io
+
+    return Image.fromarray(io.tensor_to_uint8(t))
