@@ -15,9 +15,10 @@ they agree, as checked below.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 from diffrestore.methods import diffpir
 from diffrestore.methods.common import ReplayRandn
@@ -31,19 +32,18 @@ TOL = 1e-4
 DEGS = ("sr4", "deblur_gauss", "deno")
 
 
+@functools.lru_cache(maxsize=None)
+def _load(folder, name: str) -> dict:
+    return torch.load(folder / f"{name}.pt", weights_only=True, map_location="cpu")
+
+
 @pytest.fixture(scope="module")
 def golden(shared):
+    """``golden(name)``: the stored file ``name.pt`` (cached)."""
     folder = shared / "golden" / "diffpir"
     if not folder.is_dir():
         pytest.skip(f"golden DiffPIR references not found at {folder}")
-    cache: dict[str, dict] = {}
-
-    def load(name: str) -> dict:
-        if name not in cache:
-            cache[name] = torch.load(folder / f"{name}.pt", weights_only=True, map_location="cpu")
-        return cache[name]
-
-    return load
+    return functools.partial(_load, folder)
 
 
 def rel(a, b) -> float:
