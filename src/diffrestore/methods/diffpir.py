@@ -45,6 +45,10 @@ Official behaviours changed by default, each restored by an option:
   the state ``x_0`` that the previous update left (still noisy, std ``sqrt(1 - a_0)`` = 0.01, and not
   data-consistent). Here the last prediction goes through the data step and is returned: the same
   number of network calls, each one used. ``official_output=True`` returns the official ``x_0``.
+* Kept: x0 clamped to [-1, 1] at every step (the data step's output is not); timesteps given to the
+  network as int64. The official code takes x0's coefficients from guided-diffusion's float64
+  schedule and the rest from its own float32 one; here all come from the prior's ``alphas_cumprod``
+  in float64 (the two differ by < 1e-6 relative).
 * Not offered: the official ``eta`` (DDIM noise, 0 in the official defaults and the paper), its
   sub-iterations (``iter_num_U > 1`` crashes the official scripts) and its dead settings
   (``noise_level_model``; the official ``t_start`` is overwritten to 999, here it is honoured).
