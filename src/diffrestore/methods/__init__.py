@@ -74,6 +74,8 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("srldm", "srldm", "latent", 100, "latent SR diffusion conditioned on the (downscaled) measurement"),
         MethodInfo("ddrm-srldm", "ddrm_srldm", "latent", 20, "the report's DDRM with the latent SR model as denoiser"),
         MethodInfo("ddrm-ldm", "ddrm_ldm", "latent", 50, "latent diffusion with pixel-space DDRM-style data consistency"),
+        # 20 network calls as in the comparison; the DiffPIR paper's default is 100
+        MethodInfo("diffpir", "diffpir", "pixel", 20, "DiffPIR (Zhu et al. 2023): plug-and-play with the diffusion denoiser"),
     ]
 }
 
