@@ -74,6 +74,8 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("srldm", "srldm", "latent", 100, "latent SR diffusion conditioned on the (downscaled) measurement"),
         MethodInfo("ddrm-srldm", "ddrm_srldm", "latent", 20, "the report's DDRM with the latent SR model as denoiser"),
         MethodInfo("ddrm-ldm", "ddrm_ldm", "latent", 50, "latent diffusion with pixel-space DDRM-style data consistency"),
+        MethodInfo("ddnm", "ddnm", "pixel", 100,
+                   "DDNM (Wang et al. 2023): range-null-space projection; DDNM+ when sigma_y > 0"),
     ]
 }
 
