@@ -187,20 +187,25 @@ class OraclePrior(PixelPrior):
         return ((x_t.double() - a.sqrt() * self.x0.double()) / (1 - a).sqrt()).to(x_t.dtype)
 
 
-@pytest.fixture(scope="session")
-def golden_ddrm(shared: Path):
-    folder = shared / "golden" / "ddrm"
+def golden_loader(shared: Path, method: str, weights_only: bool = True):
+    """``load(name)`` of ``../shared/golden/<method>/ref_<name>.pt`` (cached); skips when absent."""
+    folder = shared / "golden" / method
     if not folder.is_dir():
-        pytest.skip(f"golden DDRM references not found at {folder}")
+        pytest.skip(f"golden {method} references not found at {folder}")
     cache: dict[str, dict] = {}
 
-    def load(deg: str) -> dict:
-        if deg not in cache:
-            cache[deg] = torch.load(folder / f"ref_{deg}.pt", weights_only=False, map_location="cpu")
-        return cache[deg]
+    def load(name: str) -> dict:
+        if name not in cache:
+            cache[name] = torch.load(folder / f"ref_{name}.pt", weights_only=weights_only, map_location="cpu")
+        return cache[name]
 
     load.folder = folder
     return load
+
+
+@pytest.fixture(scope="session")
+def golden_ddrm(shared: Path):
+    return golden_loader(shared, "ddrm", weights_only=False)
 
 
 @pytest.fixture(scope="session")
@@ -268,8 +273,8 @@ class OfficialColorization(LinearOperator):
         return self.u * u.reshape(u.shape[0], -1)
 
 
-class OfficialInpainting(LinearOperator):
-    """Vector index ``3 * pixel + channel``; V^T lists the kept indices, then the missing ones."""
+class OfficialInpainting(OfficialDenoising):
+    """Vector index ``3 * pixel + channel``; V^T lists the kept indices, then the missing ones; U = I."""
 
     def __init__(self, kept_indices, missing_indices, in_shape=(3, 64, 64)):
         super().__init__(in_shape)
@@ -283,10 +288,6 @@ class OfficialInpainting(LinearOperator):
     def measurement_shape(self):
         return (self._s.numel(),)
 
-    @property
-    def singulars(self):
-        return self._s
-
     def Vt(self, x):
         return x.reshape(x.shape[0], -1)[:, self.spectral_pixel_order.to(x.device)]
 
@@ -294,12 +295,6 @@ class OfficialInpainting(LinearOperator):
         out = torch.zeros_like(v)
         out[:, self.spectral_pixel_order.to(v.device)] = v
         return out.reshape(v.shape[0], *self.in_shape)
-
-    def Ut(self, y):
-        return y.reshape(y.shape[0], -1)
-
-    def U(self, u):
-        return u.reshape(u.shape[0], -1)
 
 
 def official_ddnm_operator(ref: dict):
@@ -327,18 +322,7 @@ def official_ddnm_operator(ref: dict):
 
 @pytest.fixture(scope="session")
 def golden_ddnm(shared: Path):
-    folder = shared / "golden" / "ddnm"
-    if not folder.is_dir():
-        pytest.skip(f"golden DDNM references not found at {folder}")
-    cache: dict[str, dict] = {}
-
-    def load(name: str) -> dict:
-        if name not in cache:
-            cache[name] = torch.load(folder / f"ref_{name}.pt", weights_only=True, map_location="cpu")
-        return cache[name]
-
-    load.folder = folder
-    return load
+    return golden_loader(shared, "ddnm")
 
 
 @pytest.fixture(scope="session")
