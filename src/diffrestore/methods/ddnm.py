@@ -213,9 +213,13 @@ def restore(
     m = operator.m
     ybar = torch.zeros(B, D, device=device, dtype=dtype)
     ybar[:, :m] = operator.Ut(y).reshape(B, m).to(dtype) / torch.where(observed[:m], s[:m], torch.ones_like(s[:m]))
-    if noisy:
-        s_lam = s if lambda_singulars is None else _padded_singulars(lambda_singulars, D, like)
-        order = _pixel_order(operator).to(device)
+    s_lam = s if lambda_singulars is None else _padded_singulars(lambda_singulars, D, like)
+    order = _pixel_order(operator) if noisy else torch.arange(D)
+    order = None if torch.equal(order, torch.arange(D)) else order.to(device)
+
+    def reorder(v: torch.Tensor) -> torch.Tensor:  # pixels onto spectral rows, no rotation
+        v = v.reshape(B, D)
+        return v if order is None else v.index_select(1, order)
 
     if x_T is None:
         x = draw()
@@ -251,8 +255,8 @@ def restore(
             hat = x0_hat
         else:
             lam, d1, d2 = _plus_coefficients(s_lam, sqrt_an, sigma_n, sigma_y, eta)
-            e_rows = et.reshape(B, D).index_select(1, order) if official_eps_basis else operator.Vt(et).reshape(B, D)
-            spec = d1 * z.reshape(B, D).index_select(1, order) + d2 * e_rows.to(dtype) - (sqrt_an * lam) * r
+            e_rows = reorder(et) if official_eps_basis else operator.Vt(et).reshape(B, D)
+            spec = d1 * reorder(z) + d2 * e_rows.to(dtype) - (sqrt_an * lam) * r
             x_next = x0 * sqrt_an + operator.V(spec).reshape(img_shape).to(dtype)
             lam_r = lam * r
             hat = lambda x0=x0, lam_r=lam_r: x0 - operator.V(lam_r).reshape(img_shape).to(dtype)  # noqa: E731
