@@ -189,3 +189,18 @@ def check_measurement(operator, y: torch.Tensor, sigma_y: float) -> None:
         raise MethodArgumentError(f"y must have shape (B, {meas_shape}), got {tuple(y.shape)}")
     if not float(sigma_y) >= 0.0:
         raise MethodArgumentError(f"sigma_y must be >= 0, got {sigma_y}")
+
+
+def sampler_setup(operator, y: torch.Tensor, generator: torch.Generator | None, randn: RandnFn | None):
+    """What a pixel sampler works with: ``(device, dtype, image batch shape, draw)`` with y's device,
+    y's floating dtype (float32 otherwise), ``(B, *operator.in_shape)`` and ``draw(shape)``, a Gaussian
+    from ``randn`` (default: ``make_randn(generator, ...)``) on that device and dtype."""
+    device = y.device
+    dtype = y.dtype if y.is_floating_point() else torch.float32
+    if randn is None:
+        randn = make_randn(generator, device, dtype)
+
+    def draw(shape: tuple[int, ...]) -> torch.Tensor:
+        return randn(shape).to(device=device, dtype=dtype)
+
+    return device, dtype, (y.shape[0], *operator.in_shape), draw

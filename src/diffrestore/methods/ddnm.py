@@ -62,7 +62,7 @@ from .common import (
     alpha_bar,
     check_measurement,
     check_svd_operator,
-    make_randn,
+    sampler_setup,
 )
 
 __all__ = ["restore", "check_values", "travel_schedule", "time_pairs"]
@@ -194,17 +194,12 @@ def restore(
     sigma_y = float(sigma_y)
     noisy = sigma_y > 0
 
-    device = y.device
-    dtype = y.dtype if y.is_floating_point() else torch.float32
-    B = y.shape[0]
-    C, Hh, Ww = operator.in_shape
-    img_shape = (B, C, Hh, Ww)
-    D = C * Hh * Ww
-    if randn is None:
-        randn = make_randn(generator, device, dtype)
+    device, dtype, img_shape, draw_shape = sampler_setup(operator, y, generator, randn)
+    B, C = img_shape[:2]
+    D = operator.D
 
     def draw() -> torch.Tensor:
-        return randn(img_shape).to(device=device, dtype=dtype)
+        return draw_shape(img_shape)
 
     ac = prior.alphas_cumprod.detach().to("cpu", torch.float32)
     like = torch.empty(0, device=device, dtype=dtype)
