@@ -187,20 +187,25 @@ class OraclePrior(PixelPrior):
         return ((x_t.double() - a.sqrt() * self.x0.double()) / (1 - a).sqrt()).to(x_t.dtype)
 
 
-@pytest.fixture(scope="session")
-def golden_ddrm(shared: Path):
-    folder = shared / "golden" / "ddrm"
+def golden_loader(shared: Path, method: str, weights_only: bool = True):
+    """``load(name)`` of ``../shared/golden/<method>/ref_<name>.pt`` (cached); skips when absent."""
+    folder = shared / "golden" / method
     if not folder.is_dir():
-        pytest.skip(f"golden DDRM references not found at {folder}")
+        pytest.skip(f"golden {method} references not found at {folder}")
     cache: dict[str, dict] = {}
 
-    def load(deg: str) -> dict:
-        if deg not in cache:
-            cache[deg] = torch.load(folder / f"ref_{deg}.pt", weights_only=False, map_location="cpu")
-        return cache[deg]
+    def load(name: str) -> dict:
+        if name not in cache:
+            cache[name] = torch.load(folder / f"ref_{name}.pt", weights_only=weights_only, map_location="cpu")
+        return cache[name]
 
     load.folder = folder
     return load
+
+
+@pytest.fixture(scope="session")
+def golden_ddrm(shared: Path):
+    return golden_loader(shared, "ddrm", weights_only=False)
 
 
 @pytest.fixture(scope="session")
@@ -217,3 +222,111 @@ def ddrm_helpers():
         OfficialSuperResolution=OfficialSuperResolution,
         OfficialDeblurring=OfficialDeblurring,
     )
+
+
+# --- official DDNM layouts (wyhuai/DDNM ``functions/svd_operators.py``) -------------------------------
+# DDNM's SuperResolution, Deblurring and Denoising lay out their SVD like DDRM's classes above. Its
+# DDNM+ ``Lambda_noise`` puts pixels of z and eps on the spectral rows by a plain reordering, which is
+# each layout with the rotation left out; ``spectral_pixel_order`` gives it (what ddnm.restore reads).
+
+
+def _layout_order(unrotated: LinearOperator) -> torch.Tensor:
+    """Vt of an operator whose small rotations are identities, applied to the pixel indices."""
+    idx = torch.arange(unrotated.D, dtype=torch.float64).reshape(1, *unrotated.in_shape)
+    return unrotated.Vt(idx).reshape(-1).round().long()
+
+
+class OfficialColorization(LinearOperator):
+    """Per pixel, the needle (R, G, B) times ``V_small^T``; spectral layout coefficient-major
+    (all pixels' coefficient 0 first: these pair with the singulars), ``U = U_small[0, 0]``."""
+
+    def __init__(self, V_small, U_small, singulars_small, in_shape=(3, 64, 64)):
+        super().__init__(in_shape)
+        c, h, w = self.in_shape
+        self.V_small = V_small.float()
+        self.u = float(U_small.reshape(-1)[0])
+        self._s = singulars_small.float().repeat(h * w)
+        self.spectral_pixel_order = torch.arange(self.D)  # coefficient k of pixel p <-> channel k of p
+
+    @property
+    def measurement_shape(self):
+        return (self.in_shape[1] * self.in_shape[2],)
+
+    @property
+    def singulars(self):
+        return self._s
+
+    def Vt(self, x):
+        B, c = x.shape[0], self.in_shape[0]
+        coef = x.reshape(B, c, -1).transpose(1, 2) @ self.V_small.to(x)
+        return coef.transpose(1, 2).reshape(B, -1)
+
+    def V(self, v):
+        B, c = v.shape[0], self.in_shape[0]
+        needles = v.reshape(B, c, -1).transpose(1, 2) @ self.V_small.t().to(v)
+        return needles.transpose(1, 2).reshape(B, *self.in_shape)
+
+    def Ut(self, y):
+        return self.u * y.reshape(y.shape[0], -1)
+
+    def U(self, u):
+        return self.u * u.reshape(u.shape[0], -1)
+
+
+class OfficialInpainting(OfficialDenoising):
+    """Vector index ``3 * pixel + channel``; V^T lists the kept indices, then the missing ones; U = I."""
+
+    def __init__(self, kept_indices, missing_indices, in_shape=(3, 64, 64)):
+        super().__init__(in_shape)
+        c = self.in_shape[0]
+        hw = self.D // c
+        idx = torch.cat([kept_indices.long(), missing_indices.long()])
+        self.spectral_pixel_order = (idx % c) * hw + idx // c  # flat (c, h, w) index of each row
+        self._s = torch.ones(kept_indices.numel())
+
+    @property
+    def measurement_shape(self):
+        return (self._s.numel(),)
+
+    def Vt(self, x):
+        return x.reshape(x.shape[0], -1)[:, self.spectral_pixel_order.to(x.device)]
+
+    def V(self, v):
+        out = torch.zeros_like(v)
+        out[:, self.spectral_pixel_order.to(v.device)] = v
+        return out.reshape(v.shape[0], *self.in_shape)
+
+
+def official_ddnm_operator(ref: dict):
+    """(operator, lambda_singulars or None) of a golden DDNM reference, from its stored factors."""
+    kind, Ai = ref["A_class"], ref["A_internals"]
+    if kind == "Denoising":
+        return OfficialDenoising(), None
+    if kind == "Inpainting":
+        return OfficialInpainting(Ai["kept_indices"], Ai["missing_indices"]), None
+    if kind == "Colorization":
+        return OfficialColorization(Ai["V_small"], Ai["U_small"], Ai["singulars_small"]), None
+    if kind == "SuperResolution":
+        r = int(ref["A_attrs"]["ratio"])
+        op = OfficialSuperResolution(Ai["V_small"], Ai["U_small"], Ai["singulars_small"], r)
+        op.spectral_pixel_order = _layout_order(OfficialSuperResolution(torch.eye(r * r), Ai["U_small"], Ai["singulars_small"], r))
+        return op, None
+    if kind == "Deblurring":
+        op = OfficialDeblurring(Ai["U_small"], Ai["V_small"], Ai["_perm"], Ai["singulars()"])
+        eye = torch.eye(Ai["V_small"].shape[0])
+        op.spectral_pixel_order = _layout_order(OfficialDeblurring(eye, eye, Ai["_perm"], Ai["singulars()"]))
+        # its Lambda / Lambda_noise use the unthresholded values in the U/V (pixel-major) layout
+        return op, Ai["_singulars_orig"].repeat_interleave(op.in_shape[0])
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def golden_ddnm(shared: Path):
+    return golden_loader(shared, "ddnm")
+
+
+@pytest.fixture(scope="session")
+def ddnm_helpers(ddrm_helpers):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**vars(ddrm_helpers), official_ddnm_operator=official_ddnm_operator)

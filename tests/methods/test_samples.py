@@ -15,7 +15,7 @@ from test_ddrm import LinearPrior
 from test_latent_hybrids import _PixelLatent
 
 SHAPE = (3, 16, 16)
-STEPS = {"ddrm": 5, "srldm": 4, "ddrm-srldm": 5, "ddrm-ldm": 4, "diffpir": 5}
+STEPS = {"ddrm": 5, "srldm": 4, "ddrm-srldm": 5, "ddrm-ldm": 4, "diffpir": 5, "ddnm": 5}
 
 
 def _setup(method, batch=2):

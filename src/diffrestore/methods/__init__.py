@@ -76,6 +76,8 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("ddrm-ldm", "ddrm_ldm", "latent", 50, "latent diffusion with pixel-space DDRM-style data consistency"),
         # 20 network calls as in the comparison; the DiffPIR paper's default is 100
         MethodInfo("diffpir", "diffpir", "pixel", 20, "DiffPIR (Zhu et al. 2023): plug-and-play with the diffusion denoiser"),
+        MethodInfo("ddnm", "ddnm", "pixel", 100,
+                   "DDNM (Wang et al. 2023): range-null-space projection; DDNM+ when sigma_y > 0"),
     ]
 }
 

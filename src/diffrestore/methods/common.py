@@ -160,3 +160,47 @@ class ReplayRandn:
             raise RuntimeError(f"replay draw #{self._i}: recorded shape {tuple(z.shape)}, requested {shape}")
         self._i += 1
         return z
+
+
+def check_svd_operator(operator, method: str) -> None:
+    """Refuse an operator that lacks the SVD parts (``singulars``, ``Vt``, ``V``, ``Ut``) a spectral
+    method works through, with a one-line MethodArgumentError instead of a NotImplementedError deep
+    inside the sampler."""
+    from ..operators.base import LinearOperator
+
+    missing = [
+        name for name in ("Vt", "V", "Ut")
+        if not callable(getattr(operator, name, None)) or getattr(type(operator), name, None) is getattr(LinearOperator, name)
+    ]  # fmt: skip
+    try:
+        operator.singulars
+    except (NotImplementedError, AttributeError):
+        missing.insert(0, "singulars")
+    if missing:
+        raise MethodArgumentError(
+            f"{method} needs an operator with SVD parts; {type(operator).__name__} lacks {', '.join(missing)}"
+        )
+
+
+def check_measurement(operator, y: torch.Tensor, sigma_y: float) -> None:
+    """``y`` must be a batch of the operator's measurements and ``sigma_y`` a noise std >= 0."""
+    meas_shape = tuple(operator.measurement_shape)
+    if y.dim() < 1 or tuple(y.shape[1:]) != meas_shape:
+        raise MethodArgumentError(f"y must have shape (B, {meas_shape}), got {tuple(y.shape)}")
+    if not float(sigma_y) >= 0.0:
+        raise MethodArgumentError(f"sigma_y must be >= 0, got {sigma_y}")
+
+
+def sampler_setup(operator, y: torch.Tensor, generator: torch.Generator | None, randn: RandnFn | None):
+    """What a pixel sampler works with: ``(device, dtype, image batch shape, draw)`` with y's device,
+    y's floating dtype (float32 otherwise), ``(B, *operator.in_shape)`` and ``draw(shape)``, a Gaussian
+    from ``randn`` (default: ``make_randn(generator, ...)``) on that device and dtype."""
+    device = y.device
+    dtype = y.dtype if y.is_floating_point() else torch.float32
+    if randn is None:
+        randn = make_randn(generator, device, dtype)
+
+    def draw(shape: tuple[int, ...]) -> torch.Tensor:
+        return randn(shape).to(device=device, dtype=dtype)
+
+    return device, dtype, (y.shape[0], *operator.in_shape), draw

@@ -53,9 +53,10 @@ from .common import (
     StepCallback,
     StepInfo,
     alpha_bar,
+    check_measurement,
     check_rho,
-    make_randn,
     previous_timesteps,
+    sampler_setup,
     spectral_consistency,
     uniform_skip_timesteps,
 )
@@ -132,27 +133,15 @@ def restore(
         x_hat ``(B, C, H, W)``: ``V(V^T x0)`` of the last prediction (not clamped).
     """
     # ---- checks ------------------------------------------------------------------------------
-    meas_shape = tuple(operator.measurement_shape)
-    if y.dim() < 1 or tuple(y.shape[1:]) != meas_shape:
-        raise MethodArgumentError(f"y must have shape (B, {meas_shape}), got {tuple(y.shape)}")
-    if not float(sigma_y) >= 0.0:
-        raise MethodArgumentError(f"sigma_y must be >= 0, got {sigma_y}")
+    check_measurement(operator, y, sigma_y)
     check_values(eta=eta, eta_b=eta_b, rho=rho)
     sigma_0 = float(sigma_y)
     seq = uniform_skip_timesteps(prior.num_timesteps, steps)
     seq_next = previous_timesteps(seq)
 
-    device = y.device
-    dtype = y.dtype if y.is_floating_point() else torch.float32
-    B = y.shape[0]
-    C, Hh, Ww = operator.in_shape
-    img_shape = (B, C, Hh, Ww)
-    D = C * Hh * Ww
-    if randn is None:
-        randn = make_randn(generator, device, dtype)
-
-    def draw(shape: tuple[int, ...]) -> torch.Tensor:
-        return randn(shape).to(device=device, dtype=dtype)
+    device, dtype, img_shape, draw = sampler_setup(operator, y, generator, randn)
+    B, C = img_shape[:2]
+    D = operator.D
 
     ac = prior.alphas_cumprod.detach().to("cpu", torch.float32)
 
