@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffrestore.training import common
+from diffrestore.training import checkpoints, common
 from diffrestore.training.data import CropSampler, block_downsample, list_photos, load_photos, split_photos
 
 # keys of a checkpoint's "options" record (read back by --resume; the running jobs' checkpoints have them)
@@ -193,7 +193,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         common.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
-    assert common.load_checkpoint(path)["step"] == 1
+    assert checkpoints.read_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 
 
@@ -311,11 +311,11 @@ def test_decoder_stage_without_vae_is_a_one_line_error(tmp_path, capsys):
 
     assert main(["decoder", "--data", str(tmp_path), "--run", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: the decoder stage needs --vae (the trained autoencoder folder)"
+    assert err == "diffrestore: error: the decoder stage needs --vae (the trained autoencoder folder)"
     args = ["decoder", "--data", str(tmp_path), "--run", str(tmp_path / "run"), "--vae", str(tmp_path), "--channels", "8,16"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: the decoder stage keeps the autoencoder's architecture: drop --channels"
+    assert err == "diffrestore: error: the decoder stage keeps the autoencoder's architecture: drop --channels"
     assert not (tmp_path / "run").exists()
 
 

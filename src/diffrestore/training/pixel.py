@@ -25,9 +25,11 @@ from ..priors.base import alphas_cumprod_from_betas, linear_betas
 from .common import (
     LoopOptions,
     Trainer,
+    TrainingError,
     add_loop_arguments,
     atomic_write_json,
     atomic_write_text,
+    check_architecture,
     cli_main,
     fmt_hours,
     int_list,
@@ -138,17 +140,20 @@ def train_pixel(
     checkpoint. ``out_dir=None`` skips the export.
     """
     loop = LoopOptions.resolve(loop, loop_options)
-    tr = Trainer(run_dir, loop)
+    if not (0.0 <= t_low_frac <= 1.0) or not (weight_decay >= 0.0):
+        raise TrainingError(f"--t-low-frac {t_low_frac} must be in [0, 1] and --weight-decay {weight_decay} >= 0")
+    tr = Trainer(run_dir, loop, "pixel", out_dir)
     dev = tr.device
-    photos, sampler, val_x = load_training_data(
-        data_dir, crop, short_side, loop.holdout_every, max_photos, val_size if validate else 0
-    )
-    model_cfg = dict(
+    model_cfg = tr.model_config(dict(
         block_out_channels=list(channels),
         layers_per_block=layers_per_block,
         attention=attention,
         norm_num_groups=norm_num_groups,
         sample_size=crop,
+    ))  # fmt: skip
+    check_architecture(crop, model_cfg.get("block_out_channels", ()), model_cfg.get("norm_num_groups", 0))
+    photos, sampler, val_x = load_training_data(
+        data_dir, crop, short_side, loop.holdout_every, max_photos, val_size if validate else 0
     )
     model = tr.build_model(build_pixel_unet, model_cfg, weight_decay=weight_decay)
     model_cfg = tr.model_cfg
