@@ -7,14 +7,15 @@ one line ``diffrestore: error: ...`` on stderr and exit status 2, with no output
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
 
-import torch
-
-from diffrestore import io
+from diffrestore import io, resources
 from diffrestore.priors.catalog import DEFAULT_PRIORS
+
+# torch is imported inside the commands: the checks that refuse a command cheaply run before it loads
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, FloatingPointError)
 
@@ -29,13 +30,24 @@ class CLIError(Exception):
 
 
 def _add_run_options(p) -> None:
-    """``--adm-config``, ``--device``, ``--frozen-graphs`` and ``--no-progress`` (restore, evaluate, demo)."""
+    """``--adm-config``, ``--device``, ``--frozen-graphs``, ``--no-progress`` and the resource limits
+    ``--max-pixels`` / ``--max-memory`` (restore, evaluate, demo)."""
     p.add_argument(
         "--adm-config", default=None, metavar="JSON",
         help="hyper-parameters of an ADM checkpoint that its weights do not give (the head width), as a JSON "
         "object or a .json file, e.g. '{\"num_head_channels\": 64}'; other priors ignore it",
     )  # fmt: skip
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--max-pixels", type=int, default=resources.DEFAULT_MAX_PIXELS, metavar="N",
+        help=f"refuse images of more than N pixels, read from the file header before decoding (default "
+        f"{resources.DEFAULT_MAX_PIXELS:,}: a guard against decompression bombs)",
+    )
+    p.add_argument(
+        "--max-memory", default=None, metavar="SIZE",
+        help="memory a run may plan to use, e.g. 8G (default: 80%% of what the device has available); a run whose "
+        "estimate exceeds it is refused before any work",
+    )
     p.add_argument(
         "--frozen-graphs", action="store_true",
         help="run the networks as frozen TorchScript graphs, traced once per input size: on a CPU 10-15%% faster "
@@ -122,12 +134,52 @@ def _add_restore(sub) -> None:
     p.set_defaults(func=cmd_restore)
 
 
+def _restore_early_checks(args) -> list[tuple[str, int, int]]:
+    """restore's cheap refusals, before torch is imported: step count, blur width, image headers against
+    ``--max-pixels``, and a lower bound of the memory (neither the prior kind nor the operator is known
+    yet; an SR scale given with --scale enlarges the restored image). Returns (path, height, width) of
+    every input."""
+    if args.max_pixels < 1:
+        raise CLIError(f"--max-pixels must be positive, got {args.max_pixels}")
+    resources.check_steps(args.steps)
+    if args.blur_sigma is not None:
+        resources.check_blur_sigma(args.blur_sigma)
+    samples = max(1, args.samples or 1)  # a count below 1 is refused with the method's options
+    sizes = [(path, *resources.image_size(path, args.max_pixels)[::-1]) for path in args.images]
+    if args.mask:
+        resources.image_size(args.mask, args.max_pixels)
+    if args.device is None or not str(args.device).startswith("cuda"):  # a GPU's memory is read with torch
+        scale = 1 if args.degrade or args.scale is None or args.scale < 1 else args.scale
+        budget = resources.memory_budget(args.max_memory)
+        for path, h, w in sizes:
+            resources.check_memory(h * scale, w * scale, budget, samples=samples, what=f"{path} ({h * scale}x{w * scale} restored)")
+    return sizes
+
+
+def _restore_checks(args, info, overrides: dict, device, sizes: list[tuple[str, int, int]]) -> None:
+    """restore's checks that need the task registry: the task and its parameters, the memory of every
+    restored image with this method's prior kind and the task's operator."""
+    from diffrestore.operators.tasks import check_task, get_task_spec, measurement_factor
+
+    check_task(args.task, **overrides)
+    factor = 1 if args.degrade else measurement_factor(args.task, **overrides)
+    budget = resources.memory_budget(args.max_memory, str(device))
+    separable = get_task_spec(args.task).separable
+    for path, h, w in sizes:
+        resources.check_memory(h * factor, w * factor, budget, samples=args.samples or 1, kind=info.prior,
+                               separable=separable, what=f"{path} ({h * factor}x{w * factor} restored)")
+
+
 def cmd_restore(args) -> int:
+    sizes = _restore_early_checks(args)
+
+    import torch
+
     from diffrestore.methods import check_options, get_method, method_options
-    from diffrestore.operators.tasks import make_task
     from diffrestore.pipeline import restore_file_inputs
     from diffrestore.priors.loading import load_prior
 
+    device = resources.resolve_device(args.device)
     info = get_method(args.method)
     adm_config = parse_adm_config(args.adm_config)
     method_kwargs = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start, "stop": args.stop, "samples": args.samples}
@@ -146,15 +198,16 @@ def cmd_restore(args) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     overrides = {k: v for k, v in (("sigma_y", args.sigma_y), ("blur_sigma", args.blur_sigma), ("scale", args.scale)) if v is not None}
-    make_task(args.task, (3, 64, 64), **overrides)  # validates the task name and parameters early
+    _restore_checks(args, info, overrides, device, sizes)
+    steps = args.steps if args.steps is not None else info.default_steps
 
     # Read every input before writing anything, so a bad file leaves no output behind.
-    images = [(Path(p), io.read_image(p)) for p in args.images]
-    mask = io.read_image(args.mask) if args.mask else None
+    images = [(Path(p), io.read_image(p, args.max_pixels)) for p in args.images]
+    mask = io.read_image(args.mask, args.max_pixels) if args.mask else None
     out = Path(args.out)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     with io.writing_into(out) as written:
-        prior = load_prior(args.prior, device=args.device, dtype=dtype, adm_config=adm_config, frozen_graphs=args.frozen_graphs)
+        prior = load_prior(args.prior, device=str(device), dtype=dtype, adm_config=adm_config, frozen_graphs=args.frozen_graphs)
         kind = "latent" if hasattr(prior, "encode") else "pixel"
         if kind != info.prior:
             raise CLIError(f"method {info.name} needs a {info.prior} prior, but {args.prior} is a {kind} prior")
@@ -167,9 +220,9 @@ def cmd_restore(args) -> int:
             overrides=overrides,
             degrade=args.degrade,
             mask=mask,
-            steps=args.steps,
+            steps=steps,
             seed=args.seed,
-            device=args.device,
+            device=str(device),
             out=out,
             written=written,
             method_kwargs=method_kwargs,
@@ -269,6 +322,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="network precision (default fp32)")
     p.add_argument("--save-images", action="store_true", help="keep every restored image (default: the first few, for Figure 4)")
     p.add_argument("--nproc", type=int, default=1, help="shard over K local processes")
+    p.add_argument(
+        "--skip-bad", action="store_true",
+        help="leave out chosen images that cannot be used (unreadable, over --max-pixels), listed in RUN/skipped.json "
+        "and the tables; without it such an image stops the command before anything is written",
+    )
     _add_run_options(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -300,6 +358,9 @@ def cmd_evaluate(args) -> int:
         nproc=args.nproc,
         progress=not args.no_progress,
         preset=args.preset,
+        max_pixels=args.max_pixels,
+        max_memory=args.max_memory,
+        skip_bad=args.skip_bad,
     )
     run = runner.evaluate(spec)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -383,9 +444,13 @@ def cmd_demo(args) -> int:
         device=args.device,
         frozen_graphs=args.frozen_graphs,
         progress=not args.no_progress,
+        max_pixels=args.max_pixels,
+        max_memory=args.max_memory,
     )
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads must be at least 1, got {args.threads}")
+    import torch
+
     threads = torch.get_num_threads()
     try:
         if args.threads:
@@ -439,6 +504,10 @@ def cmd_train(args) -> int:
     return importlib.import_module(TRAINERS[args.kind]).main(args.args)
 
 
+#: errno values of an output that cannot be written: the user's disk or folder, reported in one line
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -448,6 +517,17 @@ def main(argv=None) -> int:
         msg = str(e)
     except USER_ERRORS as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        msg = f"{DISK_ERRORS[e.errno]}{where}; free some space or write somewhere else (--out)"
+    except RuntimeError as e:  # a worker of `evaluate --nproc` that died (killed, out of memory)
+        from diffrestore.evaluation.distributed import RankError
+
+        if not isinstance(e, RankError):
+            raise
+        msg = f"{str(e).splitlines()[0]}; the records written so far are kept: rerun the command to resume"
     except KeyboardInterrupt:
         print("diffrestore: interrupted", file=sys.stderr)
         return 130

@@ -8,8 +8,9 @@ which batch, order or process) produced it.
 from __future__ import annotations
 
 import hashlib
-import sys
 import math
+import operator
+import sys
 import time
 from typing import NamedTuple
 
@@ -60,6 +61,22 @@ def lcm(*values: int) -> int:
     return out
 
 
+def resolve_steps(method: str, steps: int | None, prior=None) -> int:
+    """The step count a run uses: ``steps``, or the method's default when None. ValueError (one line) for
+    fewer than 1, or more than the prior's diffusion has timesteps (when the prior is given)."""
+    used = get_method(method).default_steps if steps is None else steps
+    try:
+        used = operator.index(used)
+    except TypeError:
+        raise ValueError(f"steps must be a whole number, got {steps!r}") from None
+    if used < 1:
+        raise ValueError(f"steps must be at least 1, got {used}")
+    limit = getattr(prior, "num_timesteps", None)
+    if limit is not None and used > limit:
+        raise ValueError(f"{used} steps for {method}: its prior's diffusion has {limit} timesteps; use at most {limit} steps")
+    return used
+
+
 class MethodRun(NamedTuple):
     x_hat: torch.Tensor  # the restoration (the mean of the draws when samples > 1)
     seconds: float
@@ -86,7 +103,7 @@ def run_method(
     device = y.device
     generator = make_generator(seed, device)
     extra = {k: v for k, v in method_kwargs.items() if v is not None}
-    kwargs = dict(sigma_y=task.sigma_y, steps=steps or info.default_steps, generator=generator, callback=callback, **extra)
+    kwargs = dict(sigma_y=task.sigma_y, steps=resolve_steps(method, steps, prior), generator=generator, callback=callback, **extra)
     start = time.perf_counter()
     if type(samples) is int and samples == 1:
         x_hat, std = info.restore(prior, task.operator, y, **kwargs), None
@@ -121,19 +138,50 @@ def spread_stats(std: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor | None 
     return out
 
 
-def _measurement_factor(task_name: str, overrides: dict) -> int:
-    """Spatial ratio image side / measurement side of a task (4 for sr4, 1 for deblur)."""
-    from diffrestore.operators.tasks import make_task
-
-    probe = make_task(task_name, (3, 64, 64), **overrides).operator
-    return 64 // probe.measurement_shape[-1]
-
-
 def prior_multiple(prior) -> int:
     """Image sides a prior can take must be multiples of this."""
     if hasattr(prior, "encode"):
         return prior.downscale * prior.multiple_of
     return prior.multiple_of
+
+
+def _measurements(images, *, task_name, overrides, prior, degrade, mask, seed, device) -> list[tuple]:
+    """(path, clean image or None, measurement, task, crop note) of every input, all built before the first
+    restoration so that an input the run cannot take stops it before any model runs. Inputs are
+    centre-cropped to sides the task and prior take; with ``degrade`` they must stay big enough to score."""
+    from diffrestore.evaluation.metrics import SSIM_WINDOW
+    from diffrestore.operators.tasks import make_task, measurement_factor
+
+    factor = measurement_factor(task_name, **overrides)
+    multiple = lcm(factor, prior_multiple(prior))
+    need = multiple if degrade else max(1, multiple // factor)
+    task_overrides = dict(overrides, **({"mask": mask} if mask is not None else {}))
+    out = []
+    for path, img in images:
+        cropped, box = crop_to_multiple(img.unsqueeze(0), need)
+        note = None
+        if box is not None:
+            note = f"centre-cropped {img.shape[-2]}x{img.shape[-1]} to {box[2]}x{box[3]} (sides must be multiples of {need})"
+            print(f"{path.name}: {note}", file=sys.stderr)
+        if degrade:
+            if min(cropped.shape[-2:]) < SSIM_WINDOW:
+                raise ImageSizeError(
+                    f"{path}: {cropped.shape[-2]}x{cropped.shape[-1]} is too small to degrade and score: "
+                    f"--degrade needs at least {SSIM_WINDOW}x{SSIM_WINDOW} (the SSIM window)"
+                )
+            x = cropped.to(device)
+            task = make_task(task_name, tuple(x.shape[1:]), **task_overrides)
+            y = measure_image(task, x, seed, path.name).to(device)
+        else:
+            x, (h, w) = None, cropped.shape[-2:]
+            task = make_task(task_name, (3, h * factor, w * factor), **task_overrides)
+            y = cropped.to(device)
+            if task.operator.measurement_shape[0] == 1 and y.shape[1] == 3:
+                y = y.mean(dim=1, keepdim=True)
+            if tuple(y.shape[1:]) != tuple(task.operator.measurement_shape):
+                raise ValueError(f"{path}: measurement of shape {tuple(y.shape[1:])} does not fit task {task_name}")
+        out.append((path, x, y, task, note))
+    return out
 
 
 def restore_file_inputs(
@@ -165,42 +213,18 @@ def restore_file_inputs(
 
     from diffrestore import io
     from diffrestore.evaluation.metrics import psnr, ssim
-    from diffrestore.operators.tasks import make_task
 
     stems = [p.stem for p, _ in images]
     if len(set(stems)) != len(stems):
         raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
-    factor = _measurement_factor(task_name, overrides)
-    multiple = lcm(factor, prior_multiple(prior))
+    steps = resolve_steps(method, steps, prior)
+    inputs = _measurements(images, task_name=task_name, overrides=overrides, prior=prior, degrade=degrade,
+                           mask=mask, seed=seed, device=device)
     records = []
-    bar = tqdm(images, desc="images", unit="img", disable=not progress or len(images) == 1)
-    for path, img in bar:
+    bar = tqdm(inputs, desc="images", unit="img", disable=not progress or len(images) == 1)
+    for path, x, y, task, note in bar:
         image_id = path.name
-        note = None
-        if degrade:
-            x, box = crop_to_multiple(img.unsqueeze(0), multiple)
-        else:
-            x = None
-            y_img, box = crop_to_multiple(img.unsqueeze(0), max(1, multiple // factor))
-        if box is not None:
-            note = f"centre-cropped {img.shape[-2]}x{img.shape[-1]} to {box[2]}x{box[3]} (sides must be multiples of {multiple if degrade else max(1, multiple // factor)})"
-            print(f"{path.name}: {note}", file=sys.stderr)
-        task_overrides = dict(overrides)
-        if mask is not None:
-            task_overrides["mask"] = mask
-        if degrade:
-            x = x.to(device)
-            task = make_task(task_name, tuple(x.shape[1:]), **task_overrides)
-            y = measure_image(task, x, seed, image_id).to(device)
-        else:
-            h, w = y_img.shape[-2:]
-            task = make_task(task_name, (3, h * factor, w * factor), **task_overrides)
-            y = y_img.to(device)
-            if task.operator.measurement_shape[0] == 1 and y.shape[1] == 3:
-                y = y.mean(dim=1, keepdim=True)
-            if tuple(y.shape[1:]) != tuple(task.operator.measurement_shape):
-                raise ValueError(f"{path}: measurement of shape {tuple(y.shape[1:])} does not fit task {task_name}")
-        step_bar = tqdm(total=steps or 0, desc=f"{path.name} {method}", unit="step", leave=False, disable=not progress)
+        step_bar = tqdm(total=steps, desc=f"{path.name} {method}", unit="step", leave=False, disable=not progress)
 
         def on_step(*_args, **_kwargs):
             step_bar.update(1)

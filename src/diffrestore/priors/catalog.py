@@ -1,6 +1,7 @@
 """Built-in priors (``builtin:NAME``) and the ``--prior SPEC`` formats, without loading any network.
 
-Kept free of diffusers imports: ``diffrestore priors`` only reads folder listings and small JSON files.
+Kept free of diffusers and torch imports: ``diffrestore priors`` only reads folder listings and small JSON
+files, and the CLI reads ``DEFAULT_PRIORS`` before it decides whether a command needs torch at all.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ import json
 import warnings
 from pathlib import Path
 from typing import NamedTuple
-
-from .base import PriorLoadError
 
 __all__ = ["BUILTIN_PREFIX", "DEFAULT_PRIORS", "SPEC_FORMATS", "BuiltinPrior", "builtin_dir", "list_builtin_priors", "resolve_spec"]
 
@@ -63,6 +62,8 @@ def resolve_spec(spec: str | Path) -> Path:
     path = root / name
     if not name or "/" in name or "\\" in name or name.startswith(".") or not path.is_dir():
         have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        from .base import PriorLoadError  # torch: only on this error path
+
         raise PriorLoadError(
             f"unknown builtin prior {name!r} (available: {', '.join(have) if have else 'none'}; folder {root})"
         )
