@@ -33,8 +33,9 @@ class TrainingError(ValueError):
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message (torch appends paragraphs of advice)."""
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+    return text.splitlines()[0].split(". ")[0].rstrip(".")
 
 
 def check_plain(obj, where: str = "checkpoint") -> None:

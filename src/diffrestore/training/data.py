@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..evaluation.data import IMAGE_SUFFIXES
-from ..io import pil_to_rgb
+from ..io import open_rgb
 from .checkpoints import TrainingError
 
 
@@ -44,16 +44,15 @@ def split_photos(files: list[Path], holdout_every: int = 28) -> tuple[list[Path]
 
 
 def load_photos(files: list[Path], min_short_side: int = 128, limit: int | None = None) -> list[Image.Image]:
-    """Decode photos into memory as 8-bit RGB PIL images, skipping those with a short side below
-    ``min_short_side`` (they would have to be upsampled); a file that does not decode is a TrainingError."""
+    """Decode photos into memory as 8-bit RGB PIL images as a viewer shows them (``io.open_rgb``), skipping
+    those with a short side below ``min_short_side`` (they would have to be upsampled); a file that cannot
+    be used is a TrainingError."""
     out = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                im.load()
-                rgb = pil_to_rgb(im)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise TrainingError(f"{f}: not a readable image ({type(e).__name__}); remove it from --data") from None
+            rgb = open_rgb(f)
+        except ValueError as e:  # unreadable, truncated, too many pixels, non-finite values
+            raise TrainingError(f"{str(e).splitlines()[0]}; remove it from --data") from None
         if min(rgb.size) < min_short_side:
             continue
         out.append(rgb)
