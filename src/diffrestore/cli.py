@@ -465,8 +465,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors (a bad number, a missing option) are one ``diffrestore: error:`` line,
+    like every other user error, pointing at the command's --help instead of printing the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"diffrestore: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffrestore", description="Diffusion-based image restoration and benchmarking.")
+    parser = OneLineParser(prog="diffrestore", description="Diffusion-based image restoration and benchmarking.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_restore(sub)
     p = sub.add_parser("tasks", help="list the degradation tasks")

@@ -14,12 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from diffrestore.resources import DEFAULT_MAX_PIXELS, ResourceError, check_pixels, no_pil_bomb_limit
+from diffrestore.resources import DEFAULT_MAX_PIXELS, ResourceError, check_pixels, check_regular_file, no_pil_bomb_limit
 
-if TYPE_CHECKING:  # torch is imported when a tensor is made, so a command can refuse its inputs first
+if TYPE_CHECKING:  # numpy and torch are imported when needed, so a command can refuse its inputs first
+    import numpy as np
     import torch
 
 _UMASK = os.umask(0o022)
@@ -85,6 +85,8 @@ def pil_to_rgb(img: Image.Image) -> Image.Image:
     their min/max, so intensities keep their meaning. Alpha is composited on white. Integer and float
     images with NaN or infinite pixels are refused (ImageReadError): clipped, they would come out black.
     """
+    import numpy as np
+
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         a = np.asarray(img, dtype=np.float64) / 257.0
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
@@ -110,7 +112,7 @@ def open_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, exif
     """An image file as 8-bit RGB, as a viewer shows it: EXIF orientation applied (unless ``exif`` is
     False), any mode converted (:func:`pil_to_rgb`). The size is checked against ``max_pixels`` from the
     header, before any pixel is decoded. Raises ImageReadError / ResourceError (ValueErrors, one line)."""
-    path = Path(path)
+    path = check_regular_file(path)
     try:
         with no_pil_bomb_limit(), Image.open(path) as img:
             check_pixels(img.size[0], img.size[1], max_pixels, str(path))
@@ -130,11 +132,14 @@ def open_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, exif
 
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Read an image file as a (3, H, W) float32 tensor in [-1, 1] (see :func:`open_rgb`)."""
+    import numpy as np
+
     return uint8_to_tensor(np.asarray(open_rgb(path, max_pixels)))
 
 
 def uint8_to_tensor(a: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
+    import numpy as np
     import torch
 
     return torch.from_numpy(np.array(a, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div(127.5).sub(1.0)

@@ -25,7 +25,8 @@ DEFAULT_MAX_PIXELS = 50_000_000
 #: largest Gaussian blur std in pixels: wider blurs leave nothing to restore and need kernels of 8 sigma
 MAX_BLUR_SIGMA = 100.0
 #: bytes the networks hold per restored pixel and per sample (float32, no gradients), by prior kind
-ACTIVATION_BYTES_PER_PIXEL = {"pixel": 2048, "latent": 2048}
+#: ("none": a baseline, which runs no network)
+ACTIVATION_BYTES_PER_PIXEL = {"pixel": 2048, "latent": 2048, "none": 64}
 #: the interpreter, torch and a model's weights: what a run needs before its first image
 BASE_BYTES = 600 * 2**20
 #: the share of the memory the system reports available that a run may plan to use
@@ -143,7 +144,7 @@ def image_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     missing or not an image."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    path = check_regular_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -157,6 +158,15 @@ def image_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ValueError(f"{path}: not a readable image ({type(e).__name__})") from None
     check_pixels(size[0], size[1], max_pixels, str(path))
     return size
+
+
+def check_regular_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path; ValueError for something that exists but is neither a file nor a folder (a FIFO
+    or a device would block or never end when read)."""
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise ValueError(f"{path}: not a regular file")
+    return path
 
 
 class no_pil_bomb_limit:

@@ -548,9 +548,10 @@ def _check_memory(config: dict, spec: EvalSpec) -> None:
     budget = resources.memory_budget(spec.max_memory, config["last_invocation"]["device"])
     size = settings["size"]
     separable = any(getattr(TASKS.get(t), "separable", False) for t in grid["tasks"])
-    for m in dict.fromkeys(grid["methods"] + list(grid["fig7_steps"])):
+    for m in [BASELINE, *dict.fromkeys(grid["methods"] + list(grid["fig7_steps"]))]:
         samples = int(grid.get("options", {}).get(m, {}).get("samples", 1))
-        resources.check_memory(size, size, budget, samples=samples, batch=spec.batch_size, kind=get_method(m).prior,
+        kind = "none" if m == BASELINE else get_method(m).prior
+        resources.check_memory(size, size, budget, samples=samples, batch=spec.batch_size, kind=kind,
                                separable=separable, what=f"{m} on {size}x{size} images, batch {spec.batch_size},")
 
 
@@ -587,6 +588,8 @@ def open_run(plan: Plan) -> tuple[RunLock, bool]:
             repair_tail(run / name)
     except BaseException:
         lock.release()
+        if created:  # nothing of a run was written yet
+            shutil.rmtree(run, ignore_errors=True)
         raise
     return lock, created
 
@@ -656,15 +659,37 @@ def record_key(r: dict) -> tuple:
     return (r["task"], r["method"], int(r["steps"]), r["image_id"])
 
 
-def read_records(run: Path) -> list[dict]:
-    """The run's records, first of any duplicates, sorted by (task, method, steps, index)."""
+#: fields of a record and their types; a line that parses but breaks these is left out with a warning
+RECORD_FIELDS = {"task": str, "method": str, "steps": int, "image_id": str, "index": int}
+RECORD_NUMBERS = ("psnr", "ssim", "lpips", "consistency", "seconds", "sample_std", "std_error_correlation")
+
+
+def well_formed(r: dict) -> bool:
+    """Whether a parsed record has every key field with its type and numbers where numbers belong."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return (
+        all(isinstance(r.get(k), t) and not isinstance(r.get(k), bool) for k, t in RECORD_FIELDS.items())
+        and all(number(r[k]) for k in RECORD_NUMBERS if k in r)
+        and all(isinstance(r[k], str) for k in ("features", "image") if k in r)
+    )
+
+
+def read_records(run: Path, warn: bool = False) -> list[dict]:
+    """The run's records, first of any duplicates, sorted by (task, method, steps, index). Lines that parse
+    but are not records (a field missing or of the wrong type) are left out, with one warning line on
+    stderr when ``warn``; lines that do not parse (a writer killed mid-line) are left out silently."""
     seen: dict[tuple, dict] = {}
+    bad = 0
     for r in read_jsonl(Path(run) / "records.jsonl"):
-        try:
-            seen.setdefault(record_key(r), r)
-        except (KeyError, TypeError, ValueError):
+        if not well_formed(r):
+            bad += 1
             continue
-    return sorted(seen.values(), key=lambda r: (r["task"], r["method"], int(r["steps"]), int(r["index"])))
+        seen.setdefault(record_key(r), r)
+    if bad and warn:
+        print(f"diffrestore: warning: left out {bad} malformed record(s) of {Path(run) / 'records.jsonl'}", file=sys.stderr)
+    return sorted(seen.values(), key=lambda r: (r["task"], r["method"], r["steps"], r["index"]))
 
 
 def table_cells(grid: dict) -> list[tuple[str, str, int]]:
