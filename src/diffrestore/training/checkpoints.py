@@ -32,10 +32,13 @@ class TrainingError(ValueError):
     """A training request that cannot be carried out (bad option, missing checkpoint, ...)."""
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first sentence of an exception's message (torch appends paragraphs of advice)."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0].split(". ")[0].rstrip(".")
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line: a TrainingError's message, an OSError's file and reason, else the
+    first sentence of the message (torch appends paragraphs of advice)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    return text if isinstance(exc, TrainingError) else text.split(". ")[0].rstrip(".")
 
 
 def check_plain(obj, where: str = "checkpoint") -> None:
@@ -80,7 +83,7 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
             "version of diffrestore; start a new --run)"
         ) from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise TrainingError(f"{path}: not a readable checkpoint, truncated or damaged? ({_first_line(e)})") from None
+        raise TrainingError(f"{path}: not a readable checkpoint, truncated or damaged? ({one_line(e)})") from None
     if not isinstance(state, dict):
         raise TrainingError(f"{path}: not a training checkpoint (holds a {type(state).__name__}, not a dict)")
     return state
@@ -119,4 +122,4 @@ def set_rng_state(np_rng: np.random.Generator, gen: torch.Generator, state: dict
         np_rng.bit_generator.state = state["numpy"]
         gen.set_state(state["torch"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise TrainingError(f"checkpoint: malformed RNG state ({_first_line(e)})") from None
+        raise TrainingError(f"checkpoint: malformed RNG state ({one_line(e)})") from None

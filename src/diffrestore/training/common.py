@@ -29,6 +29,7 @@ from .checkpoints import (
     CHECKPOINT_NAME,
     TrainingError,
     load_checkpoint,
+    one_line,
     read_options,
     rng_state,
     save_checkpoint,
@@ -38,7 +39,6 @@ from .options import (
     LOOP_ARG_DESTS,
     PRECISIONS,
     LoopOptions,
-    _one_line,
     add_loop_arguments,
     check_architecture,
     check_folder,
@@ -447,7 +447,7 @@ class Trainer:
         try:
             model = build(**self.model_cfg).to(self.device)
         except TypeError as e:  # a checkpoint's config this trainer does not know
-            raise TrainingError(f"{self.ckpt_path}: model config does not fit this trainer ({_one_line(e)})") from None
+            raise TrainingError(f"{self.ckpt_path}: model config does not fit this trainer ({one_line(e)})") from None
         if init is not None:
             init(model, self.model_cfg)
         self.model = model
@@ -462,7 +462,7 @@ class Trainer:
                 self.ema.load_state_dict(state["ema"])
                 self.opt.load_state_dict(state["opt"])
             except (KeyError, TypeError, ValueError, RuntimeError) as e:
-                raise TrainingError(f"{self.ckpt_path}: weights do not fit its model config ({_one_line(e)})") from None
+                raise TrainingError(f"{self.ckpt_path}: weights do not fit its model config ({one_line(e)})") from None
             set_rng_state(self.np_rng, self.gen, state["rng"])
             self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
             del state

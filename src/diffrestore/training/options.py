@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..io import remove_if_empty
-from .checkpoints import CHECKPOINT_NAME, TrainingError, read_options
+from .checkpoints import CHECKPOINT_NAME, TrainingError, one_line, read_options
 
 PRECISIONS = {
     "fp32": "fp32",
@@ -189,16 +189,10 @@ def cli_main(parser: argparse.ArgumentParser, argv, train) -> int:
     except (TrainingError, OSError) as e:
         for folder in made:
             remove_if_empty(folder)
-        print(f"diffrestore: error: {_one_line(e)}", file=sys.stderr)
+        print(f"diffrestore: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(json.dumps(result, default=str))
     return 0
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def check_folder(path: str | os.PathLike, option: str) -> Path:
@@ -219,7 +213,7 @@ def check_architecture(crop: int, channels, norm_groups: int, scale: int = 1) ->
     (a UNet or encoder with n widths halves its input n - 1 times, after the ``scale`` of an autoencoder)."""
     channels = list(channels)
     if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
-        raise TrainingError(f"--channels {','.join(map(str, channels))}: expected positive widths such as 16,32,64")
+        raise TrainingError(f"--channels {','.join(map(str, channels)) or '(none)'}: expected positive widths such as 16,32,64")
     if isinstance(norm_groups, bool) or not isinstance(norm_groups, int) or norm_groups < 1 or any(
         c % norm_groups for c in channels
     ):
