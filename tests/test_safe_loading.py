@@ -238,6 +238,18 @@ def test_prior_diffusers_folder_bin(evil, tmp_path):
     _one_line(e)
 
 
+def _uncached_refusal(cached, error: type, load) -> None:
+    """``load()`` raises ``error`` with a one-line message, with the loader's cache (``cached``) empty
+    before and after, so neither a real nor the planted file is kept for another test."""
+    cached.cache_clear()
+    try:
+        with pytest.raises(error) as e:
+            load()
+    finally:
+        cached.cache_clear()
+    _one_line(e)
+
+
 def test_lpips_weights(evil, tmp_path, monkeypatch):
     from diffrestore.evaluation import lpips
 
@@ -246,13 +258,7 @@ def test_lpips_weights(evil, tmp_path, monkeypatch):
     with open(path, "wb") as f:
         pickle.dump({"AlexNet_0": {"Conv_0": {"kernel": payload}}}, f)
     monkeypatch.setattr(lpips, "find_lpips_weights", lambda net="alex": path)
-    lpips._load.cache_clear()
-    try:
-        with pytest.raises(lpips.LPIPSUnavailable) as e:
-            lpips.load_lpips("cpu")
-    finally:
-        lpips._load.cache_clear()
-    _one_line(e)
+    _uncached_refusal(lpips._load, lpips.LPIPSUnavailable, lambda: lpips.load_lpips("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -273,10 +279,4 @@ def test_inception_weights(evil, tmp_path, monkeypatch, source):
     path = tmp_path / f"inception-{source}.pth"
     torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "hook": payload}, path)
     monkeypatch.setattr(inception, "find_inception_weights", lambda: (source, path))
-    inception._load_net.cache_clear()
-    try:
-        with pytest.raises(inception.InceptionUnavailable) as e:
-            inception.load_inception("cpu")
-    finally:
-        inception._load_net.cache_clear()
-    _one_line(e)
+    _uncached_refusal(inception._load_net, inception.InceptionUnavailable, lambda: inception.load_inception("cpu"))
