@@ -444,3 +444,23 @@ def test_check_architecture():
         with pytest.raises(common.TrainingError) as e:
             common.check_architecture(*args)
         assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("module, stage", [("pixel", []), ("latent_sr", ["unet"])])
+def test_trainer_command_line_takes_the_callers_parser(module, stage, capsys):
+    """``diffrestore train`` hands its parser class and name to the trainer, so a usage error reads as
+    that command's (here a parser that prints one line)."""
+    import argparse
+    import importlib
+
+    class OneLine(argparse.ArgumentParser):
+        def error(self, message):
+            self.exit(2, f"diffrestore: error: {message} (see `{self.prog} --help`)\n")
+
+    mod = importlib.import_module(f"diffrestore.training.{module}")
+    with pytest.raises(SystemExit) as e:
+        mod.main([*stage, "--data", "d", "--run", "r", "--crop", "x"], parser_class=OneLine, prog="diffrestore train x")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "diffrestore: error: argument --crop: invalid int value: 'x' (see `diffrestore train x --help`)\n"
+    )

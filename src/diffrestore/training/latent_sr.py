@@ -749,8 +749,9 @@ def train_latent_sr(stage: str, data_dir, out_dir, run_dir, **kw) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m diffrestore.training.latent_sr", description=__doc__.splitlines()[0])
+def build_parser(parser_class=argparse.ArgumentParser, prog: str | None = None) -> argparse.ArgumentParser:
+    """The trainer's command line (``parser_class`` and ``prog``: the ``diffrestore train`` command's own)."""
+    p = parser_class(prog=prog or "python -m diffrestore.training.latent_sr", description=__doc__.splitlines()[0])
     p.add_argument("stage", choices=["autoencoder", "unet", "decoder"])
     add_loop_arguments(
         p, out_help="model folder (hub layout) to export vae/ or unet/ into", warmup=None,
@@ -798,8 +799,8 @@ def _train_from_args(a, kw: dict) -> dict:
     return train_latent_sr(a.stage, a.data, a.out, a.run, **kw)
 
 
-def main(argv=None) -> int:
-    return cli_main(build_parser(), argv, _train_from_args)
+def main(argv=None, parser_class=argparse.ArgumentParser, prog: str | None = None) -> int:
+    return cli_main(build_parser(parser_class, prog), argv, _train_from_args)
 
 
 if __name__ == "__main__":

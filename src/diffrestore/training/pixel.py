@@ -253,8 +253,9 @@ Validation on {options['crop']}px held-out crops (EMA weights; one-step denoisin
     atomic_write_text(out_dir / "README.md", readme)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m diffrestore.training.pixel", description=__doc__.splitlines()[0])
+def build_parser(parser_class=argparse.ArgumentParser, prog: str | None = None) -> argparse.ArgumentParser:
+    """The trainer's command line (``parser_class`` and ``prog``: the ``diffrestore train`` command's own)."""
+    p = parser_class(prog=prog or "python -m diffrestore.training.pixel", description=__doc__.splitlines()[0])
     add_loop_arguments(p, data_help="folder of training photos", out_help="model folder to export the EMA fp16 weights to")
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -267,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    return cli_main(build_parser(), argv, lambda a, loop: train_pixel(
+def main(argv=None, parser_class=argparse.ArgumentParser, prog: str | None = None) -> int:
+    return cli_main(build_parser(parser_class, prog), argv, lambda a, loop: train_pixel(
         a.data, a.out, a.run, crop=a.crop, weight_decay=a.weight_decay, t_low_frac=a.t_low_frac,
         t_low_max=a.t_low_max, channels=a.channels, layers_per_block=a.layers_per_block, attention=a.attention,
         norm_num_groups=a.norm_groups, **loop,
