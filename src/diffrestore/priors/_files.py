@@ -89,6 +89,15 @@ def _stand_ins(path: Path) -> list[tuple[type, str]]:
     return stand_ins
 
 
+def _unpickler_reason(e: pickle.UnpicklingError) -> str:
+    """What torch's weights-only reader refused, without its paragraphs of advice."""
+    for line in str(e).splitlines():
+        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+        if "GLOBAL" in line or "Unsupported" in line or "unrecognized" in line:
+            return line.split(". ")[0].rstrip(".")
+    return "objects other than tensors"
+
+
 def _torch_load(path: Path, **kwargs) -> Any:
     """torch.load on CPU, memory-mapped when the format allows it: tensor data of a multi-GB file is
     only read when used, so a failed first attempt costs just the (small) pickle."""
@@ -130,6 +139,8 @@ def load_checkpoint(path: Path) -> Any:
                 raise
         with torch.serialization.safe_globals(_stand_ins(path)):
             return _torch_load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise PriorLoadError(f"{path}: refused, it pickles what could run code ({_unpickler_reason(e)})") from None
     except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
         raise PriorLoadError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {first_line(e)})") from e
 
