@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 from .checkpoints import TrainingError
+
+if TYPE_CHECKING:
+    from .common import JsonlLog
 
 
 class StopFlag:
@@ -43,7 +47,7 @@ def run_loop(
     elapsed_before: float,
     step_fn,
     checkpoint_fn,
-    log,
+    log: JsonlLog,
     log_every: int = 50,
     ckpt_every_s: float = 300.0,
     ckpt_every_steps: int = 0,
