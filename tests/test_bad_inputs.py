@@ -121,6 +121,11 @@ def inputs(tmp_path_factory) -> Path:
     with open(d / "evil.pt", "wb") as f:
         pickle.dump(Evil(d / "PWNED"), f)
     torch.save({"state_dict": Evil(d / "PWNED")}, d / "evil_zip.pt")
+    (d / "noweights").mkdir()
+    builtin = ROOT / "src" / "diffrestore" / "priors" / "builtin" / "pixel-s"
+    for name in ("config.json", "scheduler_config.json"):
+        shutil.copy(builtin / name, d / "noweights" / name)
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}}, d / "model.ckpt")
     for name, files in (("data_ok", ["ok32.png", "ok16.png"]), ("data_bad", ["ok32.png", "corrupt.png"]),
                         ("data_bomb", ["ok32.png", "bomb.png"])):
         (d / name).mkdir()
@@ -133,8 +138,8 @@ def inputs(tmp_path_factory) -> Path:
     return d
 
 
-def restore(*extra, img="ok32.png", task="denoise"):
-    return ["restore", "{in}/" + img, "--task", task, "--prior", PRIOR, "--no-progress", "--out", "{out}", *extra]
+def restore(*extra, img="ok32.png", task="denoise", more=()):
+    return ["restore", "{in}/" + img, *more, "--task", task, "--prior", PRIOR, "--no-progress", "--out", "{out}", *extra]
 
 
 def evaluate(*extra, data="data_ok"):
@@ -172,7 +177,7 @@ ROWS = [
     ("8x8-degrade", restore("--degrade", "--steps", "1", img="tiny8.png"), "8x8", {}),
     ("mask-corrupt", restore("--steps", "1", "--mask", "{in}/corrupt.png", task="inpaint"), "corrupt.png", {}),
     ("mask-wrong-size", restore("--steps", "1", "--mask", "{in}/ok16.png", task="inpaint"), "mask", {}),
-    ("same-stem-twice", restore("{in}/sub/ok32.png", "--steps", "1"), "stem", {}),
+    ("same-stem-twice", restore("--steps", "1", more=["{in}/sub/ok32.png"]), "stem", {}),
     # --- restore options ------------------------------------------------------------------------
     ("steps-0", restore("--steps", "0"), "--steps", {"fast": True}),
     ("steps-negative", restore("--steps", "-3"), "--steps", {"fast": True}),
@@ -198,6 +203,10 @@ ROWS = [
     ("prior-text-file", ["restore", "{in}/ok32.png", "--task", "denoise", "--prior", "{in}/prior.txt", "--out", "{out}"], "prior.txt", {}),
     ("prior-malicious-pickle", ["restore", "{in}/ok32.png", "--task", "denoise", "--prior", "{in}/evil.pt", "--out", "{out}"], "evil.pt", {"check": "not_pwned"}),
     ("prior-malicious-torch-zip", ["restore", "{in}/ok32.png", "--task", "denoise", "--prior", "{in}/evil_zip.pt", "--out", "{out}"], "evil_zip.pt", {"check": "not_pwned"}),
+    ("prior-folder-without-weights", ["restore", "{in}/ok32.png", "--task", "denoise", "--prior", "{in}/noweights", "--out", "{out}"],
+     "diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin", {}),
+    ("prior-ckpt-without-yaml", ["restore", "{in}/ok32.png", "--task", "denoise", "--method", "srldm", "--prior", "{in}/model.ckpt",
+                                 "--out", "{out}"], "put the model's config beside it", {}),
     ("sigma-y-negative", restore("--sigma-y", "-1"), "sigma_y", {}),
     ("option-malformed", restore("--option", "eta"), "NAME=VALUE", {}),
     ("option-unknown", restore("--option", "nope=1"), "nope", {}),
@@ -208,7 +217,7 @@ ROWS = [
     ("max-memory-tiny", restore("--max-memory", "1K"), "--max-memory", {"fast": True}),
     ("dtype-unknown", restore("--dtype", "fp8"), "--dtype", {"fast": True}),
     ("task-missing", ["restore", "{in}/ok32.png", "--prior", PRIOR, "--out", "{out}"], "--task", {"fast": True}),
-    ("out-is-a-file", restore("--steps", "1"), "--out", {"setup": "out_file"}),
+    ("out-is-a-file", restore("--steps", "1"), "not a folder", {"setup": "out_file"}),
     ("disk-full-restore", restore("--steps", "1"), "no space left", {"fault": "enospc"}),
     # --- valid inputs: they must work ----------------------------------------------------------
     ("valid-default-steps-recorded", restore(), None, {"check": "steps_20"}),

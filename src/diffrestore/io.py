@@ -40,6 +40,8 @@ def prepare_output_dir(path: str | os.PathLike) -> bool:
     Returns True when this call created the folder (so a caller that fails later can remove it)."""
     path = Path(path)
     created = not path.exists()
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"output folder {path} exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
@@ -132,9 +134,14 @@ def open_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, exif
 
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Read an image file as a (3, H, W) float32 tensor in [-1, 1] (see :func:`open_rgb`)."""
+    return rgb_to_tensor(open_rgb(path, max_pixels))
+
+
+def rgb_to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a (3, H, W) float32 tensor in [-1, 1]."""
     import numpy as np
 
-    return uint8_to_tensor(np.asarray(open_rgb(path, max_pixels)))
+    return uint8_to_tensor(np.asarray(img))
 
 
 def uint8_to_tensor(a: np.ndarray) -> torch.Tensor:

@@ -98,6 +98,15 @@ def _has_weights(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any((folder / w).is_file() for w in _WEIGHT_NAMES)
 
 
+def require_weights(folder: Path) -> None:
+    """PriorLoadError naming every accepted weights file when a diffusers model folder has none (diffusers
+    itself names only the last one it tried)."""
+    if (folder / "config.json").is_file() and not _has_weights(folder):
+        from .base import PriorLoadError  # torch: only on this error path
+
+        raise PriorLoadError(f"{folder}: no weights ({' or '.join(_WEIGHT_NAMES)})")
+
+
 def _inspect(folder: Path) -> tuple[str, str]:
     """(kind, what is missing; "" when complete), from the files alone."""
     index_path = folder / "model_index.json"
