@@ -135,3 +135,19 @@ def test_resolve_device():
     for bad in ("bogus", "cuda:99" if torch.cuda.is_available() else "cuda"):
         with pytest.raises(resources.ResourceError, match="--device"):
             resources.resolve_device(bad)
+
+
+@pytest.mark.parametrize("border", ["zero", "reflect"])
+def test_wide_blur_uses_matrices_and_stays_the_same_operator(border):
+    from diffrestore.operators.blur import SHIFT_ADD_MAX_TAPS, GaussianBlur
+
+    op = GaussianBlur((3, 96, 96), 10.0, border=border)  # 81 taps
+    assert len(op.kernels[0]) > SHIFT_ADD_MAX_TAPS
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 96, 96, generator=g), torch.randn(2, 3, 96, 96, generator=g)
+    k2 = torch.outer(*op.kernels).float()
+    r = k2.shape[0] // 2
+    padded = F.pad(x, (r, r, r, r), mode="constant" if border == "zero" else "reflect")
+    reference = F.conv2d(padded, k2.expand(3, 1, -1, -1), groups=3)
+    torch.testing.assert_close(op.H(x), reference, rtol=0, atol=2e-5)
+    torch.testing.assert_close((op.H(x) * y).sum(), (x * op.Ht(y)).sum(), rtol=1e-4, atol=1e-3)

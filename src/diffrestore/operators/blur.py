@@ -33,6 +33,8 @@ from .base import DEFAULT_REL_THRESHOLD, ImageSizeError
 from .separable import SeparableOperator
 
 BORDERS = ("zero", "reflect")
+#: widest kernel applied as a sum of shifted copies; wider ones use the dense 1-D matrices
+SHIFT_ADD_MAX_TAPS = 63
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -126,12 +128,18 @@ class SeparableBlur(SeparableOperator):
             x = out
         return x
 
+    def _wide(self) -> bool:
+        """Kernels of more than ``SHIFT_ADD_MAX_TAPS`` taps: two small matmuls beat a copy per tap."""
+        return max(len(t) for t in self._taps) > SHIFT_ADD_MAX_TAPS
+
     def H(self, x: torch.Tensor) -> torch.Tensor:
+        if self._wide():
+            return super().H(x)
         self._check_x(x)
         return self._correlate(x, flip=False)
 
     def Ht(self, y: torch.Tensor) -> torch.Tensor:
-        if self.border == "zero":  # adjoint of zero-padded correlation = correlation with flipped taps
+        if self.border == "zero" and not self._wide():  # adjoint of zero-padded correlation = correlation with flipped taps
             self._check_y(y)
             return self._correlate(y, flip=True)
         return super().Ht(y)  # reflect: the folded border is not a convolution; two small matmuls
