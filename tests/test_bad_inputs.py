@@ -185,6 +185,7 @@ ROWS = [
     ("steps-beyond-schedule", restore("--steps", "1000000"), "timesteps", {}),
     ("samples-200000", restore("--samples", "200000"), "--samples", {"fast": True}),
     ("samples-0", restore("--samples", "0"), "samples", {}),
+    ("samples-as-option-200000", restore("--option", "samples=200000"), "--max-memory", {}),
     ("blur-sigma-1e6", restore("--blur-sigma", "1e6", task="deblur"), "--blur-sigma 100", {"fast": True}),
     ("blur-sigma-1e4", restore("--blur-sigma", "1e4", task="deblur"), "--blur-sigma 100", {"fast": True}),
     ("blur-sigma-negative", restore("--blur-sigma", "-1", task="deblur"), "positive", {"fast": True}),

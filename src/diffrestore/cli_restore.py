@@ -83,9 +83,9 @@ def _restore_early_checks(args) -> list[tuple[str, int, int]]:
     return sizes
 
 
-def _restore_checks(args, info, overrides: dict, device, sizes: list[tuple[str, int, int]]) -> None:
+def _restore_checks(args, info, overrides: dict, device, sizes: list[tuple[str, int, int]], samples: int) -> None:
     """restore's checks that need the task registry: the task and its parameters, the memory of every
-    restored image with this method's prior kind and the task's operator."""
+    restored image with ``samples`` draws, this method's prior kind and the task's operator."""
     from diffrestore.operators.tasks import check_task, get_task_spec, measurement_factor
 
     check_task(args.task, **overrides)
@@ -93,7 +93,7 @@ def _restore_checks(args, info, overrides: dict, device, sizes: list[tuple[str, 
     budget = resources.memory_budget(args.max_memory, str(device))
     separable = get_task_spec(args.task).separable
     for path, h, w in sizes:
-        resources.check_memory(h * factor, w * factor, budget, samples=args.samples or 1, kind=info.prior,
+        resources.check_memory(h * factor, w * factor, budget, samples=samples, kind=info.prior,
                                separable=separable, what=f"{path} ({h * factor}x{w * factor} restored)")
 
 
@@ -128,7 +128,7 @@ def cmd_restore(args) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     overrides = {k: v for k, v in (("sigma_y", args.sigma_y), ("blur_sigma", args.blur_sigma), ("scale", args.scale)) if v is not None}
-    _restore_checks(args, info, overrides, device, sizes)
+    _restore_checks(args, info, overrides, device, sizes, samples=method_kwargs.get("samples", 1))
     steps = args.steps if args.steps is not None else info.default_steps
 
     images = [(p, io.rgb_to_tensor(img)) for p, img in pictures]
