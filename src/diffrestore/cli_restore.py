@@ -69,6 +69,7 @@ def _restore_early_checks(args) -> list[tuple[str, int, int]]:
     if args.max_pixels < 1:
         raise CLIError(f"--max-pixels must be positive, got {args.max_pixels}")
     resources.check_steps(args.steps)
+    resources.check_device_name(args.device)
     if args.blur_sigma is not None:
         resources.check_blur_sigma(args.blur_sigma)
     samples = max(1, args.samples or 1)  # a count below 1 is refused with the method's options

@@ -204,22 +204,26 @@ def check_steps(steps: int | None, option: str = "--steps") -> None:
         raise ResourceError(f"{option} must be a whole number of at least 1, got {steps}")
 
 
+def check_device_name(device: str | None) -> None:
+    """Refuse, without torch, a ``--device`` that names no device type this package runs on."""
+    if device is not None and not re.fullmatch(r"cpu|mps|cuda(:[0-9]+)?", str(device)):
+        raise ResourceError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps)")
+
+
 def resolve_device(device: str | None):
     """The torch device a command runs on (None: CUDA when available, else the CPU); ResourceError for a
     name torch does not know or a CUDA device this machine does not have."""
+    check_device_name(device)
     import torch
 
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ResourceError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ResourceError(f"--device {device}: no CUDA device is available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ResourceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()):
-        raise ResourceError(f"--device {device}: not available on this machine (use cpu or cuda)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ResourceError(f"--device {device}: no MPS device on this machine (use cpu or cuda)")
     return dev
