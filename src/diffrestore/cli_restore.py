@@ -13,14 +13,16 @@ from diffrestore import io, resources
 from diffrestore.cli import CLIError, add_run_options, parse_adm_config
 
 
+SUMMARY = "restore degraded images (or degrade clean ones with --degrade, then restore and score)"
+DESCRIPTION = (
+    "Restore images. Without --degrade each IMG is the measurement y (e.g. the 64x64 low-resolution image for "
+    "sr4). With --degrade each IMG is a clean image: it is degraded with the task's operator and noise, restored, "
+    "and scored (PSNR/SSIM) against the clean image."
+)
+
+
 def add_restore(sub) -> None:
-    p = sub.add_parser(
-        "restore",
-        help="restore degraded images (or degrade clean ones with --degrade, then restore and score)",
-        description="Restore images. Without --degrade each IMG is the measurement y (e.g. the 64x64 "
-        "low-resolution image for sr4). With --degrade each IMG is a clean image: it is degraded with "
-        "the task's operator and noise, restored, and scored (PSNR/SSIM) against the clean image.",
-    )
+    p = sub.add_parser("restore", help=SUMMARY, description=DESCRIPTION)
     p.add_argument("images", nargs="+", metavar="IMG")
     p.add_argument("--task", required=True, help="task name (see `diffrestore tasks`)")
     p.add_argument("--method", default="ddrm", help="ddrm, srldm, ddrm-srldm, ddrm-ldm")
