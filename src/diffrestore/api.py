@@ -80,13 +80,14 @@ def run(
 
     from diffrestore.methods import check_options, get_method
     from diffrestore.operators.tasks import make_task
-    from diffrestore.pipeline import quality_record, restore_image, std_map_image, used_options
+    from diffrestore.pipeline import (
+        prepare_measurement, quality_record, resolve_steps, restore_measurement, std_map_image, used_options,
+    )
 
     info = get_method(method)
     given = check_options(info.name, {**options, "samples": samples})
     overrides = {k: v for k, v in (("sigma_y", sigma_y), ("blur_sigma", blur_sigma), ("scale", scale)) if v is not None}
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    resolve_steps(info.name, steps)  # the prior's limit is checked again once it is loaded
     make_task(task, (3, 64, 64), **overrides)  # validates the task name and its parameters
     x, as_tensor = _to_tensor(image)
     mask_t = None if mask is None else _to_tensor(mask)[0][0]
@@ -95,11 +96,11 @@ def run(
     kind = "latent" if hasattr(loaded, "encode") else "pixel"
     if kind != info.prior:
         raise ValueError(f"method {info.name} needs a {info.prior} prior, but {spec} is a {kind} prior")
-    result = restore_image(
-        x[0], method=info.name, prior=loaded, task_name=task, overrides=overrides, degrade=degrade,
-        steps=steps, seed=seed, image_id=_image_id(image), device=device, mask=mask_t, callback=callback,
-        method_kwargs=given,
-    )  # fmt: skip
+    image_id = _image_id(image)
+    measurement = prepare_measurement(x[0], image_id=image_id, task_name=task, overrides=overrides, prior=loaded,
+                                      degrade=degrade, mask=mask_t, seed=seed, device=device)
+    result = restore_measurement(measurement, method=info.name, prior=loaded, steps=steps, seed=seed,
+                                 image_id=image_id, callback=callback, method_kwargs=given)
     record = {
         "method": info.name, "task": task, "prior": spec, "steps": result.steps,
         "options": used_options(info.name, given), "seed": seed, "sigma_y": result.task.sigma_y,

@@ -7,14 +7,16 @@ one line ``diffrestore: error: ...`` on stderr and exit status 2, with no output
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 
-import torch
-
-from diffrestore import io
+from diffrestore import io, resources
 from diffrestore.priors.catalog import DEFAULT_PRIORS
+
+# torch is imported inside the commands: the checks that refuse a command cheaply run before it loads
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, FloatingPointError)
 
@@ -28,14 +30,25 @@ class CLIError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
-def _add_run_options(p) -> None:
-    """``--adm-config``, ``--device``, ``--frozen-graphs`` and ``--no-progress`` (restore, evaluate, demo)."""
+def add_run_options(p) -> None:
+    """``--adm-config``, ``--device``, ``--frozen-graphs``, ``--no-progress`` and the resource limits
+    ``--max-pixels`` / ``--max-memory`` (restore, evaluate, demo)."""
     p.add_argument(
         "--adm-config", default=None, metavar="JSON",
         help="hyper-parameters of an ADM checkpoint that its weights do not give (the head width), as a JSON "
         "object or a .json file, e.g. '{\"num_head_channels\": 64}'; other priors ignore it",
     )  # fmt: skip
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--max-pixels", type=int, default=resources.DEFAULT_MAX_PIXELS, metavar="N",
+        help=f"refuse images of more than N pixels, read from the file header before decoding (default "
+        f"{resources.DEFAULT_MAX_PIXELS:,}: a guard against decompression bombs)",
+    )
+    p.add_argument(
+        "--max-memory", default=None, metavar="SIZE",
+        help="memory a run may plan to use, e.g. 8G (default: 80%% of what the device has available); a run whose "
+        "estimate exceeds it is refused before any work",
+    )
     p.add_argument(
         "--frozen-graphs", action="store_true",
         help="run the networks as frozen TorchScript graphs, traced once per input size: on a CPU 10-15%% faster "
@@ -67,123 +80,6 @@ def parse_adm_config(text: str | None) -> dict | None:
     if not isinstance(value, dict):
         raise CLIError(f"{source}: expected a JSON object such as {{\"num_head_channels\": 64}}, got {type(value).__name__}")
     return value
-
-
-# --------------------------------------------------------------------------------------------
-# restore
-# --------------------------------------------------------------------------------------------
-
-
-def _add_restore(sub) -> None:
-    p = sub.add_parser(
-        "restore",
-        help="restore degraded images (or degrade clean ones with --degrade, then restore and score)",
-        description="Restore images. Without --degrade each IMG is the measurement y (e.g. the 64x64 "
-        "low-resolution image for sr4). With --degrade each IMG is a clean image: it is degraded with "
-        "the task's operator and noise, restored, and scored (PSNR/SSIM) against the clean image.",
-    )
-    p.add_argument("images", nargs="+", metavar="IMG")
-    p.add_argument("--task", required=True, help="task name (see `diffrestore tasks`)")
-    p.add_argument("--method", default="ddrm", help="ddrm, srldm, ddrm-srldm, ddrm-ldm")
-    p.add_argument("--prior", required=True, help="model: a path (ADM .pt, LDM .ckpt, diffusers folder) or builtin:NAME")
-    p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the method's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--degrade", action="store_true", help="inputs are clean images: degrade, restore, score")
-    p.add_argument("--sigma-y", type=float, default=None, help="measurement noise std in [-1,1] units")
-    p.add_argument("--blur-sigma", type=float, default=None, help="Gaussian blur std in pixels")
-    p.add_argument("--scale", type=int, default=None, help="super-resolution factor")
-    p.add_argument("--mask", default=None, help="inpainting mask image (white = observed)")
-    p.add_argument("--eta", type=float, default=None, help="DDRM eta / DDIM eta")
-    p.add_argument("--eta-b", type=float, default=None, help="DDRM eta_b")
-    p.add_argument(
-        "--start", type=float, default=None,
-        help="latent methods: run the steps over this fraction of the diffusion, starting from the upsampled "
-        "measurement instead of pure noise (srldm default 1, ddrm-ldm 0.5)",
-    )
-    p.add_argument(
-        "--stop", type=float, default=None,
-        help="ddrm-ldm: end the steps at this fraction of the diffusion and return the consistent clean estimate "
-        "there (default 0.4, best in PSNR and FID with builtin:ldmsr-s; 0: a full sample)",
-    )
-    p.add_argument(
-        "--samples", type=int, default=None, metavar="N",
-        help="write the mean of N samples (an estimate of the posterior mean: higher PSNR, N times the cost) "
-        "and IMG_TASK_METHOD_std.png, their per-pixel spread (white: std 0.1 in [-1, 1] units or more); "
-        "the N samples run as one batch, so memory grows with N",
-    )
-    p.add_argument(
-        "--option", action="append", default=[], metavar="NAME=VALUE",
-        help="any other option of the method (repeatable; `diffrestore methods` lists them), "
-        "e.g. --option consistency=true (srldm), --option rho=0.2 (ddrm-ldm), --option strategy=b (ddrm-srldm)",
-    )
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
-    _add_run_options(p)
-    p.set_defaults(func=cmd_restore)
-
-
-def cmd_restore(args) -> int:
-    from diffrestore.methods import check_options, get_method, method_options
-    from diffrestore.operators.tasks import make_task
-    from diffrestore.pipeline import restore_file_inputs
-    from diffrestore.priors.loading import load_prior
-
-    info = get_method(args.method)
-    adm_config = parse_adm_config(args.adm_config)
-    method_kwargs = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start, "stop": args.stop, "samples": args.samples}
-    unknown = [k for k, v in method_kwargs.items() if v is not None and k not in method_options(info.name)]
-    if unknown:
-        raise CLIError(f"method {info.name} has no option --{unknown[0].replace('_', '-')}")
-    for item in args.option:
-        name, eq, value = item.partition("=")
-        if not eq or not name.strip():
-            raise CLIError(f"--option {item!r} is not NAME=VALUE")
-        if method_kwargs.get(name.strip()) is not None:
-            raise CLIError(f"option {name.strip()} is given twice")
-        method_kwargs[name.strip()] = value.strip()
-    try:  # values out of range: refused before anything is loaded
-        method_kwargs = check_options(info.name, method_kwargs)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    overrides = {k: v for k, v in (("sigma_y", args.sigma_y), ("blur_sigma", args.blur_sigma), ("scale", args.scale)) if v is not None}
-    make_task(args.task, (3, 64, 64), **overrides)  # validates the task name and parameters early
-
-    # Read every input before writing anything, so a bad file leaves no output behind.
-    images = [(Path(p), io.read_image(p)) for p in args.images]
-    mask = io.read_image(args.mask) if args.mask else None
-    out = Path(args.out)
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    with io.writing_into(out) as written:
-        prior = load_prior(args.prior, device=args.device, dtype=dtype, adm_config=adm_config, frozen_graphs=args.frozen_graphs)
-        kind = "latent" if hasattr(prior, "encode") else "pixel"
-        if kind != info.prior:
-            raise CLIError(f"method {info.name} needs a {info.prior} prior, but {args.prior} is a {kind} prior")
-        results = restore_file_inputs(
-            images,
-            method=info.name,
-            prior=prior,
-            prior_spec=args.prior,
-            task_name=args.task,
-            overrides=overrides,
-            degrade=args.degrade,
-            mask=mask,
-            steps=args.steps,
-            seed=args.seed,
-            device=args.device,
-            out=out,
-            written=written,
-            method_kwargs=method_kwargs,
-            progress=not args.no_progress,
-            adm_config=adm_config,
-        )
-    for r in results:
-        line = f"{r['input']}: {r['method']} {r['task']} in {r['seconds']:.1f}s"
-        if "psnr" in r:
-            line += f"  PSNR {r['psnr']:.2f} dB (baseline {r['baseline_psnr']:.2f})  PSNR-Y {r['psnr_y']:.2f} dB  SSIM {r['ssim']:.4f}"
-            line += f"  LPIPS {r['lpips']:.4f}" if "lpips" in r else f"  LPIPS {r['lpips_note']}"
-        print(line)
-    print(f"results in {out}/")
-    return 0
 
 
 def cmd_tasks(args) -> int:
@@ -270,7 +166,12 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="network precision (default fp32)")
     p.add_argument("--save-images", action="store_true", help="keep every restored image (default: the first few, for Figure 4)")
     p.add_argument("--nproc", type=int, default=1, help="shard over K local processes")
-    _add_run_options(p)
+    p.add_argument(
+        "--skip-bad", action="store_true",
+        help="leave out chosen images that cannot be used (unreadable, over --max-pixels), listed in RUN/skipped.json "
+        "and the tables; without it such an image stops the command before anything is written",
+    )
+    add_run_options(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -301,6 +202,9 @@ def cmd_evaluate(args) -> int:
         nproc=args.nproc,
         progress=not args.no_progress,
         preset=args.preset,
+        max_pixels=args.max_pixels,
+        max_memory=args.max_memory,
+        skip_bad=args.skip_bad,
     )
     run = runner.evaluate(spec)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -362,7 +266,7 @@ def _add_demo(sub) -> None:
         "--threads", type=int, default=None,
         help="CPU threads for torch (default: torch's choice, one per core; 1 is faster on a busy machine)",
     )  # fmt: skip
-    _add_run_options(p)
+    add_run_options(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -384,9 +288,13 @@ def cmd_demo(args) -> int:
         device=args.device,
         frozen_graphs=args.frozen_graphs,
         progress=not args.no_progress,
+        max_pixels=args.max_pixels,
+        max_memory=args.max_memory,
     )
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads must be at least 1, got {args.threads}")
+    import torch
+
     threads = torch.get_num_threads()
     try:
         if args.threads:
@@ -401,10 +309,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors (a bad number, a missing option) are one ``diffrestore: error:`` line,
+    like every other user error, pointing at the command's --help instead of printing the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"diffrestore: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffrestore", description="Diffusion-based image restoration and benchmarking.")
+    parser = OneLineParser(prog="diffrestore", description="Diffusion-based image restoration and benchmarking.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_restore(sub)
+    from diffrestore.cli_restore import add_restore  # its own module: the longest command
+
+    add_restore(sub)
     p = sub.add_parser("tasks", help="list the degradation tasks")
     p.set_defaults(func=cmd_tasks)
     p = sub.add_parser("methods", help="list the methods, the prior each needs, default steps and options")
@@ -472,15 +390,32 @@ def cmd_app(args) -> int:
     return 0
 
 
+#: errno values of an output that cannot be written: the user's disk or folder, reported in one line
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # torch's note on refusing a pickled checkpoint says nothing a user can act on; the error line does
+    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
     try:
         return args.func(args)
     except CLIError as e:
         msg = str(e)
     except USER_ERRORS as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        msg = f"{DISK_ERRORS[e.errno]}{where}; free some space or write somewhere else (--out)"
+    except RuntimeError as e:  # a worker of `evaluate --nproc` that died (killed, out of memory)
+        from diffrestore.evaluation.distributed import RankError
+
+        if not isinstance(e, RankError):
+            raise
+        msg = f"{str(e).splitlines()[0]}; the records written so far are kept: rerun the command to resume"
     except KeyboardInterrupt:
         print("diffrestore: interrupted", file=sys.stderr)
         return 130

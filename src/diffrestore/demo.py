@@ -41,13 +41,13 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffrestore import io
+from diffrestore import io, resources
 from diffrestore.methods import METHODS, get_method
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
@@ -82,6 +82,8 @@ class DemoSpec:
     device: str = "cpu"
     frozen_graphs: bool = False
     progress: bool = True
+    max_pixels: int = resources.DEFAULT_MAX_PIXELS  # --size squared may not exceed it
+    max_memory: str | None = None  # the memory budget (e.g. "8G"); None: a share of what is available
 
 
 @dataclass
@@ -138,8 +140,9 @@ def _resolve_steps(methods: list[str], steps: dict[str, int]) -> dict[str, int]:
 
 def prepare(spec: DemoSpec) -> DemoPlan:
     """Validate the spec, load the priors and the photos. Raises DemoError / ValueError (one line)."""
+    from diffrestore.operators.tasks import TASKS as TASK_SPECS
     from diffrestore.operators.tasks import make_task
-    from diffrestore.pipeline import lcm, prior_multiple
+    from diffrestore.pipeline import lcm, prior_multiple, resolve_steps
     from diffrestore.priors.loading import load_prior
 
     started = time.perf_counter()
@@ -147,8 +150,8 @@ def prepare(spec: DemoSpec) -> DemoPlan:
         raise DemoError(f"--images must be between 1 and {len(PHOTOS)} (the photos: {', '.join(PHOTOS)}), got {spec.images}")
     if spec.size < 16:
         raise DemoError(f"--size must be at least 16, got {spec.size}")
-    if str(spec.device).startswith("cuda") and not torch.cuda.is_available():
-        raise DemoError(f"--device {spec.device}: CUDA is not available")
+    resources.check_pixels(spec.size, spec.size, spec.max_pixels, f"--size {spec.size}")
+    spec = replace(spec, device=str(resources.resolve_device(spec.device)))
     explicit = spec.methods is not None
     methods = list(dict.fromkeys(spec.methods)) if explicit else list(METHOD_ORDER)
     for m in methods:
@@ -156,6 +159,11 @@ def prepare(spec: DemoSpec) -> DemoPlan:
     task_names = list(dict.fromkeys(spec.tasks)) if spec.tasks is not None else list(TASKS)
     tasks = {t: make_task(t, (3, spec.size, spec.size)) for t in task_names}  # unknown task / bad size
     steps = _resolve_steps(methods, spec.steps)
+    budget = resources.memory_budget(spec.max_memory, spec.device)
+    separable = any(TASK_SPECS[t].separable for t in tasks)
+    for m in methods:
+        resources.check_memory(spec.size, spec.size, budget, kind=get_method(m).prior, separable=separable,
+                               what=f"{m} on {spec.size}x{spec.size} photos (--size)")
 
     given = {"pixel": spec.pixel_prior, "latent": spec.latent_prior}
     prior_specs = {k: given[k] or DEFAULT_PRIORS[k] for k in given}
@@ -181,6 +189,7 @@ def prepare(spec: DemoSpec) -> DemoPlan:
     methods = [m for m in methods if get_method(m).prior in priors]
     for m in methods:
         prior = priors[get_method(m).prior]
+        resolve_steps(m, steps[m], prior)
         for t, task in tasks.items():
             factor = max(1, spec.size // task.operator.measurement_shape[-1])
             multiple = lcm(factor, prior_multiple(prior))

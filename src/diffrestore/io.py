@@ -12,11 +12,15 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from diffrestore.resources import DEFAULT_MAX_PIXELS, ResourceError, check_pixels, check_regular_file, no_pil_bomb_limit
+
+if TYPE_CHECKING:  # numpy and torch are imported when needed, so a command can refuse its inputs first
+    import numpy as np
+    import torch
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -36,6 +40,8 @@ def prepare_output_dir(path: str | os.PathLike) -> bool:
     Returns True when this call created the folder (so a caller that fails later can remove it)."""
     path = Path(path)
     created = not path.exists()
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"output folder {path} exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
@@ -78,8 +84,11 @@ def pil_to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB.
 
     16-bit and float greyscale are scaled to 8 bits by their nominal range (I;16: /257), not by
-    their min/max, so intensities keep their meaning. Alpha is composited on white.
+    their min/max, so intensities keep their meaning. Alpha is composited on white. Integer and float
+    images with NaN or infinite pixels are refused (ImageReadError): clipped, they would come out black.
     """
+    import numpy as np
+
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         a = np.asarray(img, dtype=np.float64) / 257.0
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
@@ -89,6 +98,9 @@ def pil_to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8), mode="L")
     elif img.mode == "F":
         a = np.asarray(img, dtype=np.float64)
+        bad = int(a.size - np.isfinite(a).sum())
+        if bad:
+            raise ImageReadError(f"{bad} of its {a.size} pixels are NaN or infinite (a float image needs finite values)")
         scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
         img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -98,29 +110,52 @@ def pil_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """Read an image file as a (3, H, W) float32 tensor in [-1, 1]."""
-    path = Path(path)
+def open_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, exif: bool = True) -> Image.Image:
+    """An image file as 8-bit RGB, as a viewer shows it: EXIF orientation applied (unless ``exif`` is
+    False), any mode converted (:func:`pil_to_rgb`). The size is checked against ``max_pixels`` from the
+    header, before any pixel is decoded. Raises ImageReadError / ResourceError (ValueErrors, one line)."""
+    path = check_regular_file(path)
     try:
-        with Image.open(path) as img:
+        with no_pil_bomb_limit(), Image.open(path) as img:
+            check_pixels(img.size[0], img.size[1], max_pixels, str(path))
             img.load()
-            rgb = pil_to_rgb(img)
+            return pil_to_rgb(ImageOps.exif_transpose(img) if exif else img)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageReadError(f"{path}: is a directory, not an image") from None
+    except ResourceError:
+        raise
+    except ImageReadError as e:
+        raise ImageReadError(f"{path}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__})") from None
-    return uint8_to_tensor(np.asarray(rgb))
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Read an image file as a (3, H, W) float32 tensor in [-1, 1] (see :func:`open_rgb`)."""
+    return rgb_to_tensor(open_rgb(path, max_pixels))
+
+
+def rgb_to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a (3, H, W) float32 tensor in [-1, 1]."""
+    import numpy as np
+
+    return uint8_to_tensor(np.asarray(img))
 
 
 def uint8_to_tensor(a: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
+    import numpy as np
+    import torch
+
     return torch.from_numpy(np.array(a, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     """(C, H, W) in [-1, 1] -> (H, W, C) uint8 (clamped, rounded). One channel -> greyscale."""
+    import torch
+
     x = x.detach().float().cpu()
     if x.dim() == 4:
         if x.shape[0] != 1:

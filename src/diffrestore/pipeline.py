@@ -8,8 +8,9 @@ which batch, order or process) produced it.
 from __future__ import annotations
 
 import hashlib
-import sys
 import math
+import operator
+import sys
 import time
 from typing import NamedTuple
 
@@ -60,6 +61,22 @@ def lcm(*values: int) -> int:
     return out
 
 
+def resolve_steps(method: str, steps: int | None, prior=None) -> int:
+    """The step count a run uses: ``steps``, or the method's default when None. ValueError (one line) for
+    fewer than 1, or more than the prior's diffusion has timesteps (when the prior is given)."""
+    used = get_method(method).default_steps if steps is None else steps
+    try:
+        used = operator.index(used)
+    except TypeError:
+        raise ValueError(f"steps must be a whole number, got {steps!r}") from None
+    if used < 1:
+        raise ValueError(f"steps must be at least 1, got {used}")
+    limit = getattr(prior, "num_timesteps", None)
+    if limit is not None and used > limit:
+        raise ValueError(f"{used} steps for {method}: its prior's diffusion has {limit} timesteps; use at most {limit} steps")
+    return used
+
+
 class MethodRun(NamedTuple):
     x_hat: torch.Tensor  # the restoration (the mean of the draws when samples > 1)
     seconds: float
@@ -86,7 +103,7 @@ def run_method(
     device = y.device
     generator = make_generator(seed, device)
     extra = {k: v for k, v in method_kwargs.items() if v is not None}
-    kwargs = dict(sigma_y=task.sigma_y, steps=steps or info.default_steps, generator=generator, callback=callback, **extra)
+    kwargs = dict(sigma_y=task.sigma_y, steps=resolve_steps(method, steps, prior), generator=generator, callback=callback, **extra)
     start = time.perf_counter()
     if type(samples) is int and samples == 1:
         x_hat, std = info.restore(prior, task.operator, y, **kwargs), None
@@ -121,14 +138,6 @@ def spread_stats(std: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor | None 
     return out
 
 
-def _measurement_factor(task_name: str, overrides: dict) -> int:
-    """Spatial ratio image side / measurement side of a task (4 for sr4, 1 for deblur)."""
-    from diffrestore.operators.tasks import make_task
-
-    probe = make_task(task_name, (3, 64, 64), **overrides).operator
-    return 64 // probe.measurement_shape[-1]
-
-
 def prior_multiple(prior) -> int:
     """Image sides a prior can take must be multiples of this."""
     if hasattr(prior, "encode"):
@@ -136,8 +145,53 @@ def prior_multiple(prior) -> int:
     return prior.multiple_of
 
 
+class Measurement(NamedTuple):
+    """One input ready to restore: the measurement ``y`` (1, ...) of ``task``, the clean image ``x``
+    (``degrade``; else None) and what was cropped, if anything."""
+
+    x: torch.Tensor | None
+    y: torch.Tensor
+    task: object
+    note: str | None
+
+
+def prepare_measurement(img: torch.Tensor, *, image_id: str, task_name: str, overrides: dict, prior, degrade: bool,
+                        mask, seed: int, device) -> Measurement:
+    """The measurement of one image (3, H, W) in [-1, 1]: the image itself, or (``degrade``) a clean
+    image degraded with a draw seeded from (``seed``, ``image_id``). Sides are centre-cropped to what
+    the task and prior take; with ``degrade`` they must stay big enough to score."""
+    from diffrestore.evaluation.metrics import SSIM_WINDOW
+    from diffrestore.operators.tasks import make_task, measurement_factor
+
+    factor = measurement_factor(task_name, **overrides)
+    multiple = lcm(factor, prior_multiple(prior))
+    need = multiple if degrade else max(1, multiple // factor)
+    task_overrides = dict(overrides, **({"mask": mask} if mask is not None else {}))
+    cropped, box = crop_to_multiple(img.unsqueeze(0), need)
+    note = None
+    if box is not None:
+        note = f"centre-cropped {img.shape[-2]}x{img.shape[-1]} to {box[2]}x{box[3]} (sides must be multiples of {need})"
+    if degrade:
+        if min(cropped.shape[-2:]) < SSIM_WINDOW:
+            raise ImageSizeError(
+                f"{image_id}: {cropped.shape[-2]}x{cropped.shape[-1]} is too small to degrade and score: "
+                f"--degrade needs at least {SSIM_WINDOW}x{SSIM_WINDOW} (the SSIM window)"
+            )
+        x = cropped.to(device)
+        task = make_task(task_name, tuple(x.shape[1:]), **task_overrides)
+        return Measurement(x, measure_image(task, x, seed, image_id).to(device), task, note)
+    h, w = cropped.shape[-2:]
+    task = make_task(task_name, (3, h * factor, w * factor), **task_overrides)
+    y = cropped.to(device)
+    if task.operator.measurement_shape[0] == 1 and y.shape[1] == 3:
+        y = y.mean(dim=1, keepdim=True)
+    if tuple(y.shape[1:]) != tuple(task.operator.measurement_shape):
+        raise ValueError(f"{image_id}: measurement of shape {tuple(y.shape[1:])} does not fit task {task_name}")
+    return Measurement(None, y, task, note)
+
+
 class ImageResult(NamedTuple):
-    """One restored image and what produced it (all tensors (1, C, H, W) in [-1, 1] on the CPU or device)."""
+    """One restored image and what produced it (tensors (1, C, H, W) in [-1, 1])."""
 
     x_hat: torch.Tensor  # the restoration, clamped to [-1, 1]
     raw: torch.Tensor  # the restoration before clamping
@@ -150,56 +204,16 @@ class ImageResult(NamedTuple):
     steps: int  # the steps actually run
 
 
-def restore_image(
-    img: torch.Tensor,
-    *,
-    method: str,
-    prior,
-    task_name: str,
-    overrides: dict,
-    degrade: bool,
-    steps: int | None,
-    seed: int,
-    image_id: str,
-    device: str,
-    mask=None,
-    callback=None,
-    method_kwargs: dict | None = None,
-) -> ImageResult:
-    """Restore one image (3, H, W) in [-1, 1]: the measurement itself, or (``degrade``) a clean image
-    that is degraded first with a draw seeded from (``seed``, ``image_id``). Sides are centre-cropped
-    to what the operator and prior need. The one per-image path of ``restore``, the Python API and the app."""
-    from diffrestore.operators.tasks import make_task
-
-    factor = _measurement_factor(task_name, overrides)
-    multiple = lcm(factor, prior_multiple(prior))
-    need = multiple if degrade else max(1, multiple // factor)
-    cropped, box = crop_to_multiple(img.unsqueeze(0), need)
-    note = None
-    if box is not None:
-        note = f"centre-cropped {img.shape[-2]}x{img.shape[-1]} to {box[2]}x{box[3]} (sides must be multiples of {need})"
-    task_overrides = dict(overrides)
-    if mask is not None:
-        task_overrides["mask"] = mask
-    x = None
-    if degrade:
-        x = cropped.to(device)
-        task = make_task(task_name, tuple(x.shape[1:]), **task_overrides)
-        y = measure_image(task, x, seed, image_id).to(device)
-    else:
-        h, w = cropped.shape[-2:]
-        task = make_task(task_name, (3, h * factor, w * factor), **task_overrides)
-        y = cropped.to(device)
-        if task.operator.measurement_shape[0] == 1 and y.shape[1] == 3:
-            y = y.mean(dim=1, keepdim=True)
-        if tuple(y.shape[1:]) != tuple(task.operator.measurement_shape):
-            raise ValueError(f"{image_id}: measurement of shape {tuple(y.shape[1:])} does not fit task {task_name}")
-    steps = steps or get_method(method).default_steps
+def restore_measurement(m: Measurement, *, method: str, prior, steps: int | None, seed: int, image_id: str,
+                        callback=None, method_kwargs: dict | None = None) -> ImageResult:
+    """Run ``method`` on one prepared measurement, seeded from (``seed``, ``image_id``): the one
+    per-image path of ``restore``, the Python API and the app."""
+    steps = resolve_steps(method, steps, prior)
     raw, seconds, std = run_method(
-        method, {"pixel": prior, "latent": prior}, task, y, steps=steps, seed=image_seed(seed, image_id),
+        method, {"pixel": prior, "latent": prior}, m.task, m.y, steps=steps, seed=image_seed(seed, image_id),
         callback=callback, **(method_kwargs or {}),
     )  # fmt: skip
-    return ImageResult(raw.clamp(-1, 1), raw, std, x, y, task, note, seconds, steps)
+    return ImageResult(raw.clamp(-1, 1), raw, std, m.x, m.y, m.task, m.note, seconds, steps)
 
 
 def used_options(method: str, given: dict) -> dict:
@@ -210,9 +224,9 @@ def used_options(method: str, given: dict) -> dict:
 
 
 def quality_record(result: ImageResult) -> dict[str, float]:
-    """PSNR (RGB and Y) / SSIM / LPIPS of the restoration, PSNR / SSIM of the task's baseline against the clean image, and how far
-    each is from the measurement (``||H x - y||``; ``_raw``: before clamping, what the method enforces).
-    Without a clean image only the consistency numbers."""
+    """How far the restoration and the task's baseline are from the measurement (``||H x - y||``;
+    ``_raw``: before clamping, what the method itself enforces) and, with a clean image, PSNR (RGB
+    and Y), SSIM and LPIPS of the restoration and PSNR / SSIM of the baseline."""
     from diffrestore.evaluation.metrics import full_reference, psnr, ssim
 
     op, y = result.task.operator, result.y
@@ -225,10 +239,7 @@ def quality_record(result: ImageResult) -> dict[str, float]:
     if result.x is not None:
         x = result.x
         out.update(full_reference(result.x_hat, x))  # psnr, psnr_y, ssim, lpips (or lpips_note)
-        out.update(
-            baseline_psnr=float(psnr(baseline, x)[0]),
-            baseline_ssim=float(ssim(baseline, x)[0]),
-        )
+        out.update(baseline_psnr=float(psnr(baseline, x)[0]), baseline_ssim=float(ssim(baseline, x)[0]))
     return out
 
 
@@ -253,9 +264,10 @@ def restore_file_inputs(
 ) -> list[dict]:
     """Restore image files one by one and write PNGs + a JSON record per image into ``out``.
 
-    ``images`` is a list of (path, tensor (3, H, W) in [-1, 1]). Every file written is appended to
-    ``written`` so a caller can remove them if a later image fails. ``adm_config`` (the prior's
-    ``--adm-config``, if any) goes into the records.
+    ``images`` is a list of (path, tensor (3, H, W) in [-1, 1]). Every measurement is built before the
+    first restoration, so an input the run cannot take stops it before any model runs. Every file
+    written is appended to ``written`` so a caller can remove them if a later image fails.
+    ``adm_config`` (the prior's ``--adm-config``, if any) goes into the records.
     """
     from tqdm.auto import tqdm
 
@@ -264,19 +276,21 @@ def restore_file_inputs(
     stems = [p.stem for p, _ in images]
     if len(set(stems)) != len(stems):
         raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
-    steps = steps or get_method(method).default_steps
+    steps = resolve_steps(method, steps, prior)
+    inputs = []
+    for path, img in images:
+        m = prepare_measurement(img, image_id=path.name, task_name=task_name, overrides=overrides, prior=prior,
+                                degrade=degrade, mask=mask, seed=seed, device=device)
+        if m.note is not None:
+            print(f"{path.name}: {m.note}", file=sys.stderr)
+        inputs.append((path, m))
     records = []
-    bar = tqdm(images, desc="images", unit="img", disable=not progress or len(images) == 1)
-    for path, img in bar:
+    bar = tqdm(inputs, desc="images", unit="img", disable=not progress or len(images) == 1)
+    for path, m in bar:
         step_bar = tqdm(total=steps, desc=f"{path.name} {method}", unit="step", leave=False, disable=not progress)
-        result = restore_image(
-            img, method=method, prior=prior, task_name=task_name, overrides=overrides, degrade=degrade,
-            steps=steps, seed=seed, image_id=path.name, device=device, mask=mask,
-            callback=lambda *_a, **_k: step_bar.update(1), method_kwargs=method_kwargs,
-        )  # fmt: skip
+        result = restore_measurement(m, method=method, prior=prior, steps=steps, seed=seed, image_id=path.name,
+                                     callback=lambda *_a, **_k: step_bar.update(1), method_kwargs=method_kwargs)
         step_bar.close()
-        if result.note is not None:
-            print(f"{path.name}: {result.note}", file=sys.stderr)
         record = {
             "input": str(path),
             "image_id": path.name,

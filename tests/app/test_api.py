@@ -80,7 +80,7 @@ def test_samples_give_a_spread_map(photo):
         (dict(task="denoise", method="bogus"), "unknown method"),
         (dict(task="denoise", eta=1.5), "eta must be in [0, 1]"),
         (dict(task="denoise", samples=0), "samples must be a positive integer"),
-        (dict(task="denoise", steps=0), "steps must be a positive integer"),
+        (dict(task="denoise", steps=0), "steps must be at least 1"),
         (dict(task="denoise", bogus_option=1), "has no option 'bogus_option'"),
         (dict(task="sr4", method="srldm", prior="builtin:pixel-s"), "needs a latent prior"),
     ],

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffrestore.training import common
+from diffrestore.training import checkpoints, common
 from diffrestore.training.data import CropSampler, block_downsample, list_photos, load_photos, split_photos
 
 # keys of a checkpoint's "options" record (read back by --resume; the running jobs' checkpoints have them)
@@ -193,7 +193,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         common.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
-    assert common.load_checkpoint(path)["step"] == 1
+    assert checkpoints.read_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 
 
@@ -311,11 +311,11 @@ def test_decoder_stage_without_vae_is_a_one_line_error(tmp_path, capsys):
 
     assert main(["decoder", "--data", str(tmp_path), "--run", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: the decoder stage needs --vae (the trained autoencoder folder)"
+    assert err == "diffrestore: error: the decoder stage needs --vae (the trained autoencoder folder)"
     args = ["decoder", "--data", str(tmp_path), "--run", str(tmp_path / "run"), "--vae", str(tmp_path), "--channels", "8,16"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: the decoder stage keeps the autoencoder's architecture: drop --channels"
+    assert err == "diffrestore: error: the decoder stage keeps the autoencoder's architecture: drop --channels"
     assert not (tmp_path / "run").exists()
 
 
@@ -397,3 +397,70 @@ def test_decoder_stage_lpips_term(data_dir, tmp_path, monkeypatch):
     with pytest.raises(common.TrainingError, match="^--lpips-weight needs the LPIPS weights: no weights"):
         train_latent_sr("decoder", data_dir, None, tmp_path / "none", lpips_weight=0.5, **kw)
     assert not (tmp_path / "none").exists()
+
+
+def test_checkpoint_holds_only_what_weights_only_reads(tmp_path):
+    """A checkpoint with anything but plain values and tensors is never written (it could not be resumed);
+    the RNG states survive the weights-only round trip and draw the same numbers afterwards."""
+    path = tmp_path / "ck.pt"
+    for bad in ({"options": {"seed": np.int64(3)}}, {"options": {"data": tmp_path}}, {"model_cfg": {1.5: "x"}}):
+        with pytest.raises(TypeError):
+            common.save_checkpoint(path, bad)
+    assert not path.exists()
+    np_rng, gen = np.random.default_rng(7), torch.Generator().manual_seed(7)
+    np_rng.random(3), torch.rand(3, generator=gen)
+    common.save_checkpoint(path, {"rng": common.rng_state(np_rng, gen)})
+    state = torch.load(path, weights_only=True)["rng"]
+    np2, gen2 = np.random.default_rng(0), torch.Generator()
+    common.set_rng_state(np2, gen2, state)
+    assert np.array_equal(np2.random(5), np_rng.random(5))
+    assert torch.equal(torch.rand(5, generator=gen2), torch.rand(5, generator=gen))
+    with pytest.raises(common.TrainingError, match="RNG"):
+        common.set_rng_state(np2, gen2, {"numpy": {"bit_generator": "PCG64"}, "torch": state["torch"]})
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("steps", 0, "--steps 0"), ("batch", 0, "--batch 0"), ("lr", float("inf"), "--lr inf"), ("lr", 0.0, "--lr 0"),
+     ("warmup", -1, "--warmup -1"), ("log_every", 0, "--log-every 0"), ("threads", 0, "--threads 0"),
+     ("ema_decay", 1.5, "--ema 1.5"), ("grad_clip", float("nan"), "--grad-clip nan"), ("max_minutes", 0.0, "--max-minutes 0"),
+     ("precision", "fp8", "--precision 'fp8'"), ("holdout_every", -2, "--holdout-every -2")],
+)  # fmt: skip
+def test_loop_options_check_names_the_option(option, value, message):
+    loop = common.LoopOptions.resolve(None, {option: value})
+    with pytest.raises(common.TrainingError) as e:
+        loop.check()
+    assert str(e.value).startswith(message)
+    common.LoopOptions.resolve(None, {}).check()  # the defaults pass
+
+
+def test_check_architecture():
+    common.check_architecture(16, [8, 16], 4)
+    common.check_architecture(32, [8, 16, 16], 8, scale=4)  # 4 (autoencoder) x 2 x 2 halvings = 16
+    for args, message in [((10, [8, 16, 16], 4), "--crop 10: must be a positive multiple of 4"),
+                          ((8, [8, 16, 16], 8, 4), "--crop 8: must be a positive multiple of 16"),
+                          ((16, [8, 12], 8), "--norm-groups 8"), ((16, [], 4), "--channels"),
+                          ((0, [8], 4), "--crop 0")]:  # fmt: skip
+        with pytest.raises(common.TrainingError) as e:
+            common.check_architecture(*args)
+        assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("module, stage", [("pixel", []), ("latent_sr", ["unet"])])
+def test_trainer_command_line_takes_the_callers_parser(module, stage, capsys):
+    """``diffrestore train`` hands its parser class and name to the trainer, so a usage error reads as
+    that command's (here a parser that prints one line)."""
+    import argparse
+    import importlib
+
+    class OneLine(argparse.ArgumentParser):
+        def error(self, message):
+            self.exit(2, f"diffrestore: error: {message} (see `{self.prog} --help`)\n")
+
+    mod = importlib.import_module(f"diffrestore.training.{module}")
+    with pytest.raises(SystemExit) as e:
+        mod.main([*stage, "--data", "d", "--run", "r", "--crop", "x"], parser_class=OneLine, prog="diffrestore train x")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "diffrestore: error: argument --crop: invalid int value: 'x' (see `diffrestore train x --help`)\n"
+    )

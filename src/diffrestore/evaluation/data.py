@@ -3,7 +3,9 @@
 Pipeline per file: open -> RGB (greyscale, palette, RGBA, CMYK, 16-bit converted by
 ``io.pil_to_rgb``) -> centre crop to a square whose side is the shorter side (i.e. the longer side
 is cropped) -> bilinear resize to ``size`` with antialiasing (PIL's BILINEAR filter widens its
-support when shrinking) -> [-1, 1] float tensor (3, size, size).
+support when shrinking) -> [-1, 1] float tensor (3, size, size). EXIF orientation is not applied, as in
+the published protocols (torchvision's loader ignores it), so numbers stay comparable with theirs.
+Images over ``max_pixels`` are refused from their header, before decoding.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffrestore.io import ImageReadError, pil_to_rgb, uint8_to_tensor
+from diffrestore.io import open_rgb, uint8_to_tensor
+from diffrestore.resources import DEFAULT_MAX_PIXELS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -56,12 +59,19 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     return img
 
 
-def load_eval_image(path: str | os.PathLike, size: int = 256) -> torch.Tensor:
+def load_eval_image(path: str | os.PathLike, size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """One evaluation image as (3, size, size) float32 in [-1, 1]."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = pil_to_rgb(img)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__})") from None
+    rgb = open_rgb(path, max_pixels, exif=False)
     return uint8_to_tensor(np.asarray(center_crop_resize(rgb, size)))
+
+
+def check_images(root: Path, files: list[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
+    """Decode every file (paths relative to ``root``) as the evaluation will; returns ``{"file", "reason"}``
+    of each one that cannot be used (unreadable, truncated, over ``max_pixels``, non-finite values)."""
+    bad = []
+    for f in files:
+        try:
+            open_rgb(root / f, max_pixels, exif=False)
+        except ValueError as e:
+            bad.append({"file": f, "reason": str(e).splitlines()[0].removeprefix(f"{root / f}: ")})
+    return bad

@@ -37,10 +37,10 @@ class RankUserError(ValueError):
 
 def _describe(err: BaseException) -> tuple[str, bool]:
     """(one-line message, whether the CLI reports it as a user error)."""
-    from diffrestore.cli import USER_ERRORS
+    from diffrestore.cli import DISK_ERRORS, USER_ERRORS
 
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return msg, isinstance(err, USER_ERRORS)
+    return msg, isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.errno in DISK_ERRORS)
 
 
 class Dist:

@@ -186,6 +186,16 @@ def _row(key, records, n_total, feats: _Features, reason: str, throughput: dict)
     return row
 
 
+def _skipped(run: Path) -> list[dict]:
+    """The images ``evaluate --skip-bad`` left out (skipped.json), if any."""
+    path = run / "skipped.json"
+    try:
+        items = json.loads(path.read_text()) if path.exists() else []
+    except ValueError:
+        raise EvalError(f"{path} is not readable JSON") from None
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
 def compute_results(run: str | Path) -> dict:
     """Every number of the report, as one JSON-able dict."""
     run = Path(run)
@@ -198,7 +208,7 @@ def compute_results(run: str | Path) -> dict:
     files = (run / "files.txt").read_text().splitlines()
     n_total = len(files)
     by_cell: dict[tuple, list[dict]] = {}
-    for r in read_records(run):
+    for r in read_records(run, warn=True):
         by_cell.setdefault((r["task"], r["method"], int(r["steps"])), []).append(r)
     throughput = {(t["task"], t["method"], int(t["steps"])): t for t in read_jsonl(run / "throughput.jsonl") if "samples_per_s" in t}
     feats, reason = _Features(run, n_total), _features_reason(run)
@@ -221,6 +231,7 @@ def compute_results(run: str | Path) -> dict:
         "grid": grid,
         "n_images": n_total,
         "records": sum(len(v) for v in by_cell.values()),
+        **({"skipped": skipped} if (skipped := _skipped(run)) else {}),
         "tables": tables,
         "fig7": {"task": ft, "y": "fid" if use_fid else "psnr", "points": points},
     }

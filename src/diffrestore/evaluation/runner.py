@@ -10,6 +10,9 @@ Files in RUN
                      table steps per method, Figure 7 step sweeps, the figure task) and
                      ``last_invocation`` (device, batch size, ... informational).
 ``files.txt``        the chosen images, paths relative to the data folder, in index order.
+``skipped.json``     with ``--skip-bad``: the chosen images that could not be used (file, reason); they
+                     are left out of ``files.txt``. Without it an unusable image stops the command
+                     before anything is written (every chosen image is decoded up front).
 ``records.jsonl``    one JSON object per line and per (method, task, steps, image): ``task, method,
                      steps, image_id, index, psnr, psnr_y, ssim, lpips`` (or ``lpips_note`` when
                      its weights are missing; see ``metrics.full_reference``), ``consistency``
@@ -82,11 +85,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffrestore import io
-from diffrestore.evaluation.data import choose_subset, find_images, load_eval_image
+from diffrestore import io, resources
+from diffrestore.evaluation.data import check_images, choose_subset, find_images, load_eval_image
 from diffrestore.evaluation.distributed import Dist, from_env, launched_by_torchrun, spawn
 from diffrestore.methods import check_options, get_method
-from diffrestore.pipeline import image_seed, lcm, measure_image, prior_multiple, run_method, spread_stats
+from diffrestore.pipeline import image_seed, lcm, measure_image, prior_multiple, resolve_steps, run_method, spread_stats
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 FORMAT = 1
@@ -238,6 +241,9 @@ class EvalSpec:
     nproc: int = 1
     progress: bool = True
     preset: str | None = None
+    max_pixels: int = resources.DEFAULT_MAX_PIXELS  # larger images are refused (read from the header)
+    max_memory: str | None = None  # the memory budget (e.g. "8G"); None: a share of what is available
+    skip_bad: bool = False  # leave unusable images out (recorded in skipped.json) instead of refusing
 
 
 def parse_list(text: str | None, what: str) -> list[str] | None:
@@ -336,6 +342,8 @@ class Plan:
     batch_size: int
     save_images: bool
     progress: bool
+    skipped: list = field(default_factory=list)  # {"file", "reason"} of chosen images left out (--skip-bad)
+    max_pixels: int = resources.DEFAULT_MAX_PIXELS
 
     @property
     def settings(self) -> dict:
@@ -383,12 +391,7 @@ def prepare(spec: EvalSpec) -> Plan:
     if spec.data is None and not old:
         raise EvalError("--data is required for a new run")
     data = Path(spec.data).expanduser().resolve() if spec.data is not None else Path(o_set["data"])
-    try:
-        device = torch.device(spec.device)
-    except (RuntimeError, TypeError):
-        raise EvalError(f"--device {spec.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda, but no CUDA device is available")
+    device = resources.resolve_device(spec.device)
     dtype = pick(spec.dtype, "dtype", "fp32")
     if dtype not in DTYPES:
         raise EvalError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
@@ -404,9 +407,11 @@ def prepare(spec: EvalSpec) -> Plan:
     if spec.nproc < 1:
         raise EvalError(f"--nproc must be positive, got {spec.nproc}")
 
+    if spec.max_pixels < 1:
+        raise EvalError(f"--max-pixels must be positive, got {spec.max_pixels}")
     first = bool(spec.first if spec.first is not None else o_set.get("first", False))
     chosen = choose_subset(find_images(data), n, seed, first=first)
-    files = [p.relative_to(data).as_posix() for p in chosen]
+    files, skipped = _usable_images(data, [p.relative_to(data).as_posix() for p in chosen], spec)
 
     settings = {
         "data": str(data),
@@ -504,7 +509,38 @@ def prepare(spec: EvalSpec) -> Plan:
             "nproc": spec.nproc,
         },
     }
-    return Plan(run, data, files, config, old is None, str(device), spec.batch_size, spec.save_images, spec.progress)
+    _check_memory(config, spec)
+    return Plan(run, data, files, config, old is None, str(device), spec.batch_size, spec.save_images, spec.progress, skipped, spec.max_pixels)
+
+
+def _usable_images(data: Path, files: list[str], spec: EvalSpec) -> tuple[list[str], list[dict]]:
+    """The chosen files every one of which decodes (and fits ``--max-pixels``), and those left out: with
+    ``--skip-bad`` unusable files are skipped, else the first one is refused with a count of the others."""
+    bad = check_images(data, files, spec.max_pixels)
+    if bad and not spec.skip_bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise EvalError(f"{data / bad[0]['file']}: {bad[0]['reason']}{more}; fix or remove it, or pass --skip-bad to leave such images out")
+    names = {b["file"] for b in bad}
+    kept = [f for f in files if f not in names]
+    if not kept:
+        raise EvalError(f"none of the {len(files)} chosen images under {data} can be used (e.g. {bad[0]['file']}: {bad[0]['reason']})")
+    return kept, bad
+
+
+def _check_memory(config: dict, spec: EvalSpec) -> None:
+    """Refuse a grid whose largest cell (image size, samples, throughput batch) would not fit the memory
+    budget (``--max-memory``, else a share of what the device has free)."""
+    from diffrestore.operators.tasks import TASKS
+
+    settings, grid = config["settings"], config["grid"]
+    budget = resources.memory_budget(spec.max_memory, config["last_invocation"]["device"])
+    size = settings["size"]
+    separable = any(getattr(TASKS.get(t), "separable", False) for t in grid["tasks"])
+    for m in [BASELINE, *dict.fromkeys(grid["methods"] + list(grid["fig7_steps"]))]:
+        samples = int(grid.get("options", {}).get(m, {}).get("samples", 1))
+        kind = "none" if m == BASELINE else get_method(m).prior
+        resources.check_memory(size, size, budget, samples=samples, batch=spec.batch_size, kind=kind,
+                               separable=separable, what=f"{m} on {size}x{size} images, batch {spec.batch_size},")
 
 
 class RunLock:
@@ -533,11 +569,15 @@ def open_run(plan: Plan) -> tuple[RunLock, bool]:
     try:
         if plan.fresh:
             io.atomic_write_text(run / "files.txt", "".join(f + "\n" for f in plan.files))
+        if plan.skipped:
+            io.atomic_write_json(run / "skipped.json", plan.skipped)
         io.atomic_write_json(run / "config.json", plan.config)
         for name in ("records.jsonl", "throughput.jsonl"):
             repair_tail(run / name)
     except BaseException:
         lock.release()
+        if created:  # nothing of a run was written yet
+            shutil.rmtree(run, ignore_errors=True)
         raise
     return lock, created
 
@@ -607,15 +647,37 @@ def record_key(r: dict) -> tuple:
     return (r["task"], r["method"], int(r["steps"]), r["image_id"])
 
 
-def read_records(run: Path) -> list[dict]:
-    """The run's records, first of any duplicates, sorted by (task, method, steps, index)."""
+#: fields of a record and their types; a line that parses but breaks these is left out with a warning
+RECORD_FIELDS = {"task": str, "method": str, "steps": int, "image_id": str, "index": int}
+RECORD_NUMBERS = ("psnr", "ssim", "lpips", "consistency", "seconds", "sample_std", "std_error_correlation")
+
+
+def well_formed(r: dict) -> bool:
+    """Whether a parsed record has every key field with its type and numbers where numbers belong."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return (
+        all(isinstance(r.get(k), t) and not isinstance(r.get(k), bool) for k, t in RECORD_FIELDS.items())
+        and all(number(r[k]) for k in RECORD_NUMBERS if k in r)
+        and all(isinstance(r[k], str) for k in ("features", "image") if k in r)
+    )
+
+
+def read_records(run: Path, warn: bool = False) -> list[dict]:
+    """The run's records, first of any duplicates, sorted by (task, method, steps, index). Lines that parse
+    but are not records (a field missing or of the wrong type) are left out, with one warning line on
+    stderr when ``warn``; lines that do not parse (a writer killed mid-line) are left out silently."""
     seen: dict[tuple, dict] = {}
+    bad = 0
     for r in read_jsonl(Path(run) / "records.jsonl"):
-        try:
-            seen.setdefault(record_key(r), r)
-        except (KeyError, TypeError, ValueError):
+        if not well_formed(r):
+            bad += 1
             continue
-    return sorted(seen.values(), key=lambda r: (r["task"], r["method"], int(r["steps"]), int(r["index"])))
+        seen.setdefault(record_key(r), r)
+    if bad and warn:
+        print(f"diffrestore: warning: left out {bad} malformed record(s) of {Path(run) / 'records.jsonl'}", file=sys.stderr)
+    return sorted(seen.values(), key=lambda r: (r["task"], r["method"], r["steps"], r["index"]))
 
 
 def table_cells(grid: dict) -> list[tuple[str, str, int]]:
@@ -741,29 +803,44 @@ def _bars(plan: Plan, dist: Dist, todo: list[tuple[int, str, list]]):
     return total, bars
 
 
-def run_records(plan: Plan, dist: Dist, res: _Resources) -> int:
-    """Compute this rank's missing records. Returns how many were written."""
-    run, settings, grid, files = plan.run, plan.settings, plan.grid, plan.files
-    done = {record_key(r) for r in read_records(run)}
+def missing_work(plan: Plan, dist: Dist) -> list[tuple[int, str, list[tuple[str, int]]]]:
+    """(image index, task, missing (method, steps) cells) of this rank's records still to compute."""
+    grid, files = plan.grid, plan.files
+    done = {record_key(r) for r in read_records(plan.run)}
     cells: dict[str, list[tuple[str, int]]] = {}
     for t, m, s in all_cells(grid):
         cells.setdefault(t, []).append((m, s))
-    todo = []  # (index, task, missing cells)
+    todo = []
     for i in range(dist.rank, len(files), dist.world):
         for t in grid["tasks"]:
             missing = [(m, s) for m, s in cells[t] if (t, m, s, files[i]) not in done]
             if missing:
                 todo.append((i, t, missing))
-    if not todo:
-        return 0
+    return todo
 
-    # fail before the first model call when something is missing
-    for t in grid["tasks"]:
+
+def preflight(plan: Plan, todo: list, res: _Resources) -> None:
+    """Fail before any model call (and, called from ``evaluate``, before the run folder is written) when a
+    task, prior, image size or step count of the missing work cannot run: loads the priors it needs."""
+    for t in plan.grid["tasks"]:
         res.task(t)
     for _, t, missing in todo:
-        for m, _s in missing:
+        for m, steps in missing:
             if m != BASELINE:
-                res.priors_for(m, t)
+                priors = res.priors_for(m, t)
+                try:
+                    resolve_steps(m, steps, priors[get_method(m).prior])
+                except ValueError as e:
+                    raise EvalError(f"--steps: {e}") from None
+
+
+def run_records(plan: Plan, dist: Dist, res: _Resources) -> int:
+    """Compute this rank's missing records. Returns how many were written."""
+    run, settings, grid, files = plan.run, plan.settings, plan.grid, plan.files
+    todo = missing_work(plan, dist)
+    if not todo:
+        return 0
+    preflight(plan, todo, res)  # done before the run folder was written; cached, so free here
     probe = image_metrics(torch.zeros(1, 3, settings["size"], settings["size"]), torch.full((1, 3, settings["size"], settings["size"]), 0.5))
     if "lpips_note" in probe and dist.is_main:
         print(f"diffrestore: LPIPS left out: {probe['lpips_note']}", file=sys.stderr)
@@ -778,7 +855,7 @@ def run_records(plan: Plan, dist: Dist, res: _Resources) -> int:
             image_id, name = files[i], image_name(i, len(files))
             keep = plan.save_images or i < FIGURE_IMAGES
             if current[0] != i:
-                x = load_eval_image(plan.data / image_id, size).unsqueeze(0)
+                x = load_eval_image(plan.data / image_id, size, plan.max_pixels).unsqueeze(0)
                 current = (i, x, x.to(plan.device))
                 clean_feat = run / "features" / "clean" / f"{name}.npy"
                 if extract is not None and not clean_feat.exists():
@@ -862,7 +939,7 @@ def measure_throughput(plan: Plan, res: _Resources) -> int:
     for task_name, method, steps in bar:
         priors = res.priors_for(method, task_name)
         if task_name not in ys:
-            clean = [load_eval_image(plan.data / f, settings["size"]).unsqueeze(0) for f in batch]
+            clean = [load_eval_image(plan.data / f, settings["size"], plan.max_pixels).unsqueeze(0) for f in batch]
             ys[task_name] = torch.cat([res.measure(task_name, x, f) for x, f in zip(clean, batch)])
         seed = image_seed(settings["seed"], "#throughput")
         task = res.task(task_name)
@@ -886,11 +963,12 @@ def measure_throughput(plan: Plan, res: _Resources) -> int:
     return len(cells)
 
 
-def execute(plan: Plan, dist: Dist) -> None:
-    """Every rank: its records; then rank 0: throughput and the report."""
+def execute(plan: Plan, dist: Dist, res: _Resources | None = None) -> None:
+    """Every rank: its records; then rank 0: throughput and the report. ``res``: the models and tasks
+    :func:`preflight` already loaded, if any."""
     from diffrestore.evaluation import report
 
-    res = _Resources(plan)
+    res = res or _Resources(plan)
     err = None
     try:
         run_records(plan, dist, res)
@@ -930,12 +1008,15 @@ def evaluate(spec: EvalSpec) -> Path:
             dist.close()
         return Path(spec.out)
     plan = prepare(spec)
+    res = _Resources(plan)
+    preflight(plan, [w for r in range(spec.nproc) for w in missing_work(plan, Dist(r, spec.nproc))], res)
     lock, created = open_run(plan)
     try:
         if spec.nproc > 1:
+            del res  # each worker loads its own models
             spawn(_worker, spec.nproc, plan)
         else:
-            execute(plan, Dist())
+            execute(plan, Dist(), res)
     except BaseException:
         discard_if_empty(plan, created)
         raise
@@ -945,9 +1026,11 @@ def evaluate(spec: EvalSpec) -> Path:
 
 
 def _evaluate_in_group(spec: EvalSpec, dist: Dist) -> None:
-    plan = err = None
+    plan = err = res = None
     try:
-        plan = prepare(spec)
+        plan = _rank_device(prepare(spec), dist)
+        res = _Resources(plan)
+        preflight(plan, missing_work(plan, dist), res)
     except Exception as e:
         err = e
     dist.agree(err)
@@ -959,7 +1042,7 @@ def _evaluate_in_group(spec: EvalSpec, dist: Dist) -> None:
             err = e
     dist.agree(err)
     try:
-        execute(_rank_device(plan, dist), dist)
+        execute(plan, dist, res)
     except BaseException:
         if dist.is_main:
             discard_if_empty(plan, created)

@@ -59,6 +59,10 @@ def tables_markdown(results: dict) -> str:
         "- LPIPS: AlexNet v0.1, on the 8-bit images (as saved), mean over images; "
         "FID / KID: restored set vs the clean set (Inception pool features)",
     ]
+    if results.get("skipped"):
+        first = results["skipped"][0]
+        lines.append(f"- left out {len(results['skipped'])} unusable image(s) (--skip-bad; skipped.json), e.g. "
+                     f"`{first.get('file')}`: {first.get('reason')}")
     for method, options in grid.get("options", {}).items():
         lines.append(f"- options of {method}: " + ", ".join(f"{k}={v}" for k, v in options.items()))
     lines += [

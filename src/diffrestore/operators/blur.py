@@ -33,6 +33,8 @@ from .base import DEFAULT_REL_THRESHOLD, ImageSizeError
 from .separable import SeparableOperator
 
 BORDERS = ("zero", "reflect")
+#: widest kernel applied as a sum of shifted copies; wider ones use the dense 1-D matrices
+SHIFT_ADD_MAX_TAPS = 63
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -58,21 +60,21 @@ def uniform_kernel1d(size: int) -> torch.Tensor:
 
 def conv_matrix(n: int, kernel: torch.Tensor, border: str = "zero") -> torch.Tensor:
     """(n, n) float64 matrix of 1-D 'same' cross-correlation with ``kernel`` under ``border``."""
-    k = torch.as_tensor(kernel, dtype=torch.float64)
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+    k = torch.as_tensor(kernel, dtype=torch.float64).reshape(-1)
     r = k.numel() // 2
-    i = torch.arange(n)
+    i = torch.arange(n).unsqueeze(1).expand(n, k.numel())  # row i, tap t: column i + t - r
+    j = i + (torch.arange(k.numel()) - r)
+    taps = k.expand(n, k.numel())
+    if border == "zero":
+        ok = (j >= 0) & (j < n)
+        i, j, taps = i[ok], j[ok], taps[ok]
+    else:  # mirror without repeating the edge sample
+        j = torch.where(j < 0, -j, j)
+        j = torch.where(j > n - 1, 2 * (n - 1) - j, j)
     A = torch.zeros(n, n, dtype=torch.float64)
-    for t in range(k.numel()):
-        j = i + (t - r)
-        if border == "zero":
-            ok = (j >= 0) & (j < n)
-            A.index_put_((i[ok], j[ok]), k[t].expand(int(ok.sum())), accumulate=True)
-        elif border == "reflect":
-            j = torch.where(j < 0, -j, j)
-            j = torch.where(j > n - 1, 2 * (n - 1) - j, j)
-            A.index_put_((i, j), k[t].expand(n), accumulate=True)
-        else:
-            raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+    A.index_put_((i.reshape(-1), j.reshape(-1)), taps.reshape(-1), accumulate=True)
     return A
 
 
@@ -126,12 +128,18 @@ class SeparableBlur(SeparableOperator):
             x = out
         return x
 
+    def _wide(self) -> bool:
+        """Kernels of more than ``SHIFT_ADD_MAX_TAPS`` taps: two small matmuls beat a copy per tap."""
+        return max(len(t) for t in self._taps) > SHIFT_ADD_MAX_TAPS
+
     def H(self, x: torch.Tensor) -> torch.Tensor:
+        if self._wide():
+            return super().H(x)
         self._check_x(x)
         return self._correlate(x, flip=False)
 
     def Ht(self, y: torch.Tensor) -> torch.Tensor:
-        if self.border == "zero":  # adjoint of zero-padded correlation = correlation with flipped taps
+        if self.border == "zero" and not self._wide():  # adjoint of zero-padded correlation = correlation with flipped taps
             self._check_y(y)
             return self._correlate(y, flip=True)
         return super().Ht(y)  # reflect: the folded border is not a convolution; two small matmuls

@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from diffrestore.resources import check_blur_sigma
+
 from .base import DEFAULT_REL_THRESHOLD, LinearOperator
 from .blur import AnisotropicGaussianBlur, GaussianBlur, UniformBlur
 from .colorize import Colorization
@@ -45,6 +47,11 @@ class TaskSpec:
     baseline: str
     params: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+
+    @property
+    def separable(self) -> bool:
+        """Whether the operator keeps dense 1-D SVD factors (memory grows with the square of each side)."""
+        return "scale" in self.params or "blur_sigma" in self.params or "blur_size" in self.params
 
 
 @dataclass
@@ -93,15 +100,39 @@ def task_names() -> list[str]:
     return list(TASKS)
 
 
+def get_task_spec(name: str) -> TaskSpec:
+    """The registry entry of task ``name``; ValueError naming the valid tasks."""
+    spec = TASKS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return spec
+
+
+def measurement_factor(name: str, **overrides) -> int:
+    """How many image pixels one measurement pixel covers per side: the scale of an SR task, else 1."""
+    spec = get_task_spec(name)
+    scale = overrides.get("scale")
+    scale = spec.params.get("scale", 1) if scale is None else scale
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive whole number, got {scale!r}")
+    return scale
+
+
+def check_task(name: str, **overrides) -> None:
+    """Validate a task name and its parameters without an image, on a small probe whose sides suit the
+    task (a multiple of its scale, 64 or just above); a given mask is checked against each image later."""
+    factor = measurement_factor(name, **overrides)
+    side = factor * max(1, 64 // factor)
+    make_task(name, (3, side, side), **{k: v for k, v in overrides.items() if k != "mask"})
+
+
 def make_task(name: str, in_shape, **overrides) -> Task:
     """Build task ``name`` for images of ``in_shape`` (C, H, W).
 
     Raises ValueError for an unknown task or parameter, ImageSizeError for a size the operator
     cannot take (e.g. sides not divisible by the SR scale).
     """
-    spec = TASKS.get(name)
-    if spec is None:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    spec = get_task_spec(name)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     sigma_y = float(overrides.pop("sigma_y", spec.sigma_y))
     if not sigma_y >= 0:
@@ -125,12 +156,14 @@ def _bicubic_sr(in_shape, scale, threshold):
 
 
 def _gaussian(in_shape, blur_sigma, border, threshold):
+    check_blur_sigma(blur_sigma)
     return GaussianBlur(in_shape, blur_sigma, border=border, threshold=threshold)
 
 
 def _aniso(in_shape, blur_sigma, border, threshold):
     if not isinstance(blur_sigma, (tuple, list)) or len(blur_sigma) != 2:
         raise ValueError(f"deblur-aniso needs blur_sigma as a pair (std_h, std_w), got {blur_sigma!r}")
+    check_blur_sigma(blur_sigma)
     return AnisotropicGaussianBlur(in_shape, blur_sigma[0], blur_sigma[1], border=border, threshold=threshold)
 
 

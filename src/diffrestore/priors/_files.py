@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,6 +69,9 @@ class _Inert:
     """Stands in for any class a checkpoint pickles besides tensors (Lightning callbacks, optimizer
     state classes, numpy scalars...): it accepts and ignores its arguments, so no foreign code runs."""
 
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
     def __init__(self, *args, **kwargs):
         pass
 
@@ -77,23 +79,23 @@ class _Inert:
         pass
 
 
-_ALLOWED_GLOBALS = {("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device")}
+def _stand_ins(path: Path) -> list[tuple[type, str]]:
+    """An inert class for each global that ``weights_only=True`` does not allow in the checkpoint ``path``
+    (found by reading the pickle's opcodes, which runs nothing), paired with the global's full name."""
+    stand_ins = []
+    for full_name in torch.serialization.get_unsafe_globals_in_checkpoint(path):
+        module, _, name = full_name.rpartition(".")
+        stand_ins.append((type(name, (_Inert,), {"__module__": f"inert.{module}"}), full_name))
+    return stand_ins
 
 
-class _TensorOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch._utils" and name.startswith("_rebuild_"):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return super().find_class(module, name)
-        return type(name, (_Inert,), {"__module__": f"inert.{module}"})
-
-
-_tensor_only_pickle = types.ModuleType("tensor_only_pickle")
-_tensor_only_pickle.Unpickler = _TensorOnlyUnpickler
-_tensor_only_pickle.load = lambda f, **kw: _TensorOnlyUnpickler(f, **kw).load()
+def _unpickler_reason(e: pickle.UnpicklingError) -> str:
+    """What torch's weights-only reader refused, without its paragraphs of advice."""
+    for line in str(e).splitlines():
+        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+        if "GLOBAL" in line or "Unsupported" in line or "unrecognized" in line:
+            return line.split(". ")[0].rstrip(".")
+    return "objects other than tensors"
 
 
 def _torch_load(path: Path, **kwargs) -> Any:
@@ -110,9 +112,9 @@ def _torch_load(path: Path, **kwargs) -> Any:
 def load_checkpoint(path: Path) -> Any:
     """The object stored in a ``.pt``/``.ckpt``/``.safetensors`` file, without running pickled code.
 
-    ``torch.load(weights_only=True)`` first; a checkpoint that also pickles other objects (official
-    Lightning checkpoints carry callbacks and optimizer state) is re-read with an unpickler that rebuilds
-    tensors only and replaces every other class by an inert stand-in.
+    ``torch.load(weights_only=True)``; a checkpoint that also pickles other objects (official Lightning
+    checkpoints carry callbacks and optimizer state) is read again with ``weights_only=True`` with every
+    such class replaced by an inert stand-in (modules torch blocks, such as ``os``, stay refused).
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -133,7 +135,12 @@ def load_checkpoint(path: Path) -> Any:
         try:
             return _torch_load(path, weights_only=True)
         except pickle.UnpicklingError:
-            return _torch_load(path, weights_only=False, pickle_module=_tensor_only_pickle)
+            if magic != b"PK":  # the legacy format cannot be scanned for its globals
+                raise
+        with torch.serialization.safe_globals(_stand_ins(path)):
+            return _torch_load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise PriorLoadError(f"{path}: refused, it pickles what could run code ({_unpickler_reason(e)})") from None
     except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
         raise PriorLoadError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {first_line(e)})") from e
 

@@ -1,6 +1,7 @@
 """Built-in priors (``builtin:NAME``) and the ``--prior SPEC`` formats, without loading any network.
 
-Kept free of diffusers imports: ``diffrestore priors`` only reads folder listings and small JSON files.
+Kept free of diffusers and torch imports: ``diffrestore priors`` only reads folder listings and small JSON
+files, and the CLI reads ``DEFAULT_PRIORS`` before it decides whether a command needs torch at all.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ import json
 import warnings
 from pathlib import Path
 from typing import NamedTuple
-
-from .base import PriorLoadError
 
 __all__ = ["BUILTIN_PREFIX", "DEFAULT_PRIORS", "SPEC_FORMATS", "BuiltinPrior", "builtin_dir", "list_builtin_priors", "resolve_spec"]
 
@@ -63,6 +62,8 @@ def resolve_spec(spec: str | Path) -> Path:
     path = root / name
     if not name or "/" in name or "\\" in name or name.startswith(".") or not path.is_dir():
         have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        from .base import PriorLoadError  # torch: only on this error path
+
         raise PriorLoadError(
             f"unknown builtin prior {name!r} (available: {', '.join(have) if have else 'none'}; folder {root})"
         )
@@ -95,6 +96,15 @@ def list_builtin_priors(notes: list[str] | None = None) -> list[BuiltinPrior]:
 
 def _has_weights(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any((folder / w).is_file() for w in _WEIGHT_NAMES)
+
+
+def require_weights(folder: Path) -> None:
+    """PriorLoadError naming every accepted weights file when a diffusers model folder has none (diffusers
+    itself names only the last one it tried)."""
+    if (folder / "config.json").is_file() and not _has_weights(folder):
+        from .base import PriorLoadError  # torch: only on this error path
+
+        raise PriorLoadError(f"{folder}: no weights ({' or '.join(_WEIGHT_NAMES)})")
 
 
 def _inspect(folder: Path) -> tuple[str, str]:

@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, UNet2DModel, VQModel
 
 from ._files import from_pretrained, read_json, resolve_dtype
 from .base import PREDICTION_TYPES, LatentSRPrior, PriorLoadError, ldm_alphas_cumprod, scheduler_alphas_cumprod
+from .catalog import require_weights
 from .frozen import FrozenUNetMixin
 
 __all__ = ["DiffusersLatentSRPrior", "check_latent_sr", "latent_channels_of", "ldm_alphas_cumprod",
@@ -179,6 +180,8 @@ def load_diffusers_latent_sr(
             raise PriorLoadError(f"{root}: not a latent SR model folder ({name} is {cls_name!r}, need {need})")
         classes[name] = match[0]
     dtype = resolve_dtype(dtype)
+    for name in ("unet", fs_name):
+        require_weights(root / name)
     unet = from_pretrained(UNet2DModel, root / "unet", dtype)
     first_stage = from_pretrained(classes[fs_name], root / fs_name, dtype)
     check_latent_sr(unet, first_stage, where=str(root))

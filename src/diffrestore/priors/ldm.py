@@ -92,7 +92,7 @@ def _find_yaml(ckpt: Path, config) -> Path:
         if c.is_file():
             return c
     raise PriorLoadError(
-        f"{ckpt}: no YAML config found ({ckpt.stem}.yaml or config.yaml beside it); pass config="
+        f"{ckpt}: no YAML config found; put the model's config beside it as {ckpt.stem}.yaml or config.yaml"
     )
 
 

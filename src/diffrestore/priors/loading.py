@@ -28,7 +28,7 @@ from diffusers import UNet2DModel
 from . import adm as _adm
 from ._files import first_line, from_pretrained, load_checkpoint, read_json, resolve_dtype, tensor_state_dict
 from .base import LatentSRPrior, PixelPrior, PriorLoadError, scheduler_alphas_cumprod
-from .catalog import BUILTIN_PREFIX, builtin_dir, resolve_spec
+from .catalog import BUILTIN_PREFIX, builtin_dir, require_weights, resolve_spec
 from .latent import load_diffusers_latent_sr
 from .ldm import load_latent_sr
 from .pixel import UNetPixelPrior
@@ -232,6 +232,7 @@ def load_unet_folder(
     if "_adm" in cfg:  # converted ADM with patches UNet2DModel's config cannot express (see adm.py)
         model = _load_adm_unet_folder(folder, cfg)
     else:
+        require_weights(folder)
         model = from_pretrained(UNet2DModel, folder)
     return UNetPixelPrior(model.eval(), alphas, dtype=dtype).to(device)
 

@@ -1,27 +1,20 @@
-"""Shared training machinery: threads, EMA, atomic resumable checkpoints, JSON-lines logs, export.
+"""Shared training machinery: threads, EMA, JSON-lines logs, export, the loop and the Trainer.
 
-A checkpoint holds everything needed to continue bit-for-bit: model, EMA model, optimizer, step,
-cumulative wall time, the numpy ``Generator`` that draws crops and the ``torch.Generator`` that
-draws timesteps and noise. It is written to a temporary file beside its target and renamed over it,
-so a run killed mid-write leaves the previous checkpoint intact.
+The checkpoint format (everything needed to continue bit-for-bit, read back without running any pickled
+code) is :mod:`.checkpoints` and the shared options (:class:`LoopOptions`, their command line, the
+trainers' ``main``) are :mod:`.options`; their names are re-exported here.
 
-The options every trainer shares (steps, batch, learning rate and warm-up, gradient clip, EMA decay,
-hold-out, checkpoint and log cadence, time limit, threads, device, seed, progress) are one
-:class:`LoopOptions`; :func:`add_loop_arguments` puts them on a trainer's command line and
-:class:`Trainer` does the work around a trainer's own model and loss (run folder, resume, EMA,
-AdamW, RNGs, optimiser step, checkpoints, log, loop).
+:class:`Trainer` does the work around a trainer's own model and loss (run folder, resume, EMA, AdamW,
+RNGs, optimiser step, checkpoints, log, loop). Every option is checked before the run folder is
+created, and the folder is only created when the first log record is written.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import dataclasses
 import json
-import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -29,16 +22,33 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_path
 from ..io import atomic_write_json as _atomic_write_json
 from ..io import atomic_write_text as _atomic_write_text
+from .checkpoints import (
+    CHECKPOINT_NAME,
+    TrainingError,
+    load_checkpoint,
+    one_line,
+    read_options,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .loop import run_loop
+from .options import (
+    LOOP_ARG_DESTS,
+    PRECISIONS,
+    LoopOptions,
+    add_loop_arguments,
+    check_architecture,
+    check_folder,
+    cli_main,
+    int_list,
+    parse_with_resume_defaults,
+    resolve_device,
+)
 
-CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
-
-
-class TrainingError(ValueError):
-    """A training request that cannot be carried out (bad option, missing checkpoint, ...)."""
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -58,12 +68,6 @@ def set_threads(threads: int) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set (or parallel work already started)
         pass
-
-
-def resolve_device(device: str) -> torch.device:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def param_count(model: nn.Module) -> int:
@@ -151,12 +155,6 @@ def describe_lr(stages: list[tuple[int, float]], warmup: int) -> str:
     return text + " (each change a resume with `--lr`)"
 
 
-PRECISIONS = {
-    "fp32": "fp32",
-    "bf16": "bf16 mixed precision (autocast forward passes; losses, weights, gradients and AdamW state in fp32)",
-}
-
-
 def describe_precision(stages: list[tuple[int, object]]) -> str:
     """The arithmetic history for a model README, e.g. "fp32 to step 11,000, then bf16 mixed precision (...)"."""
     if not stages:
@@ -167,38 +165,15 @@ def describe_precision(stages: list[tuple[int, object]]) -> str:
     return text
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"{path}: no checkpoint to resume from")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def rng_state(np_rng: np.random.Generator, gen: torch.Generator) -> dict:
-    return {"numpy": np_rng.bit_generator.state, "torch": gen.get_state()}
-
-
-def set_rng_state(np_rng: np.random.Generator, gen: torch.Generator, state: dict) -> None:
-    np_rng.bit_generator.state = state["numpy"]
-    gen.set_state(state["torch"])
-
-
 class JsonlLog:
-    """Append-only JSON-lines log (one record per line, flushed at once)."""
+    """Append-only JSON-lines log (one record per line, flushed at once); its folder is created with the
+    first record, so a run that fails before it starts leaves nothing behind."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._opened = False
+
+    def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # a record cut short by a crash must not swallow the first record of the resumed run
         if self.path.is_file() and self.path.stat().st_size:
@@ -206,8 +181,11 @@ class JsonlLog:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")
+        self._opened = True
 
     def write(self, **record) -> None:
+        if not self._opened:
+            self._open()
         record.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
@@ -292,6 +270,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 __all__ = [
     "CHECKPOINT_NAME",
     "LOG_NAME",
+    "LOOP_ARG_DESTS",
     "EMA",
     "JsonlLog",
     "LoopOptions",
@@ -299,6 +278,8 @@ __all__ = [
     "TrainingError",
     "add_loop_arguments",
     "atomic_write_json",
+    "check_architecture",
+    "check_folder",
     "atomic_write_text",
     "fmt_hours",
     "cli_main",
@@ -311,9 +292,12 @@ __all__ = [
     "lr_stages",
     "option_stages",
     "param_count",
+    "parse_with_resume_defaults",
     "psnr",
+    "read_options",
     "resolve_device",
     "rng_state",
+    "run_loop",
     "save_checkpoint",
     "save_diffusers_fp16",
     "set_rng_state",
@@ -322,258 +306,41 @@ __all__ = [
 ]
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT so the loop can write a last checkpoint before exiting."""
-
-    def __init__(self):
-        self.stop = False
-        self._old = {}
-
-    def __enter__(self):
-        import signal
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not in the main thread
-                pass
-        return self
-
-    def _handler(self, signum, frame):
-        self.stop = True
-
-    def __exit__(self, *exc):
-        import signal
-
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
-def run_loop(
-    *,
-    start_step: int,
-    steps: int,
-    elapsed_before: float,
-    step_fn,
-    checkpoint_fn,
-    log: JsonlLog,
-    log_every: int = 50,
-    ckpt_every_s: float = 300.0,
-    ckpt_every_steps: int = 0,
-    max_minutes: float | None = None,
-    progress: bool = True,
-    progress_interval: float = 10.0,
-    desc: str = "train",
-) -> dict:
-    """Run ``step_fn(step) -> (loss, lr)`` from ``start_step`` to ``steps``.
-
-    ``checkpoint_fn(step, elapsed)`` is called every ``ckpt_every_s`` seconds of wall time and/or every
-    ``ckpt_every_steps`` steps, and once at the end (steps reached, ``max_minutes`` spent, or
-    SIGTERM/SIGINT). ``elapsed`` is the cumulative training wall time over all sessions.
-    Returns {"step", "loss" (mean of the last logging window), "elapsed"}.
-    """
-    from tqdm import tqdm
-
-    t_start = time.time()
-    last_ckpt = t_start
-    step = start_step
-    window: list[float] = []
-    last_loss = float("nan")
-    bar = tqdm(
-        total=steps, initial=step, desc=desc, disable=not progress, mininterval=progress_interval,
-        dynamic_ncols=True,
-    )
-    deadline = t_start + max_minutes * 60 if max_minutes else None
-    saved_at = None
-    with StopFlag() as flag:
-        try:
-            while step < steps and not flag.stop:
-                if deadline is not None and time.time() >= deadline:
-                    break
-                loss, lr = step_fn(step)
-                if not math.isfinite(loss):  # keep the last good checkpoint
-                    raise TrainingError(f"loss is not finite at step {step} ({loss})")
-                step += 1
-                window.append(loss)
-                bar.update(1)
-                if step % log_every == 0 or step == steps:
-                    last_loss = sum(window) / len(window)
-                    window.clear()
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                    log.write(step=step, loss=last_loss, lr=lr, elapsed=round(elapsed_before + time.time() - t_start, 1))
-                now = time.time()
-                if (ckpt_every_s and now - last_ckpt >= ckpt_every_s) or (
-                    ckpt_every_steps and step % ckpt_every_steps == 0
-                ):
-                    checkpoint_fn(step, elapsed_before + now - t_start)
-                    last_ckpt = time.time()
-                    saved_at = step
-        finally:
-            bar.close()
-        if saved_at != step:
-            checkpoint_fn(step, elapsed_before + time.time() - t_start)
-    if window:
-        last_loss = sum(window) / len(window)
-    return {"step": step, "loss": last_loss, "elapsed": elapsed_before + time.time() - t_start}
-
-
-def parse_with_resume_defaults(parser, argv, rename: dict | None = None):
-    """Parse ``argv``; with ``--resume``, options not given on the command line default to the values the
-    run was started (or last resumed) with, read from ``RUN/checkpoint.pt`` ("options"), so a plain
-    ``--resume`` continues the same recipe. ``rename`` maps option keys to argparse dests."""
-    args = parser.parse_args(argv)
-    if not getattr(args, "resume", False):
-        return args
-    ckpt = Path(args.run) / CHECKPOINT_NAME
-    if not ckpt.is_file():
-        return args
-    opts = torch.load(ckpt, map_location="cpu", weights_only=False).get("options", {})
-    rename = rename or {}
-    dests = {a.dest for a in parser._actions}
-    defaults = {}
-    for k, v in opts.items():
-        dest = rename.get(k, k)
-        if dest in dests and not isinstance(v, (list, dict)):
-            defaults[dest] = v
-    parser.set_defaults(**defaults)
-    return parser.parse_args(argv)
-
-
 # ---------------------------------------------------------------------------------------------
-# the options every trainer shares, their command-line form, and the work around a model and loss
+# the work around a trainer's model and loss
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class LoopOptions:
-    """The training-loop options shared by every trainer.
-
-    A trainer takes them as keyword arguments (``train_pixel(..., steps=4, batch=2)``) or as
-    ``loop=LoopOptions(...)``; its own defaults (e.g. ``warmup``) are given to :meth:`resolve`.
-    """
-
-    steps: int = 300_000  # total steps (stop there)
-    batch: int = 16
-    lr: float = 2e-4
-    warmup: int = 1000  # linear warm-up steps
-    grad_clip: float = 1.0  # gradient-norm clip (0: none)
-    ema_decay: float = 0.999
-    holdout_every: int = 28  # every N-th photo (sorted order) held out for validation
-    ckpt_every_s: float = 300.0
-    ckpt_every_steps: int = 0
-    log_every: int = 50
-    max_minutes: float | None = None  # stop (with a checkpoint) after this long
-    resume: bool = False
-    threads: int = 1
-    device: str = "cpu"
-    precision: str = "fp32"  # "bf16": autocast forward passes (pixel-m here: 1.6 instead of 1.1 steps/s)
-    seed: int = 0
-    progress: bool = True
-    progress_interval: float = 10.0  # seconds between progress-bar updates
-
-    @classmethod
-    def resolve(cls, loop: LoopOptions | None, overrides: dict, **defaults) -> LoopOptions:
-        """``loop`` (default: these defaults with the trainer's ``defaults`` over them) with ``overrides``
-        applied; an unknown name is a TypeError, as for any keyword argument."""
-        return dataclasses.replace(loop if loop is not None else cls(**defaults), **overrides)
-
-    @classmethod
-    def kwargs_from_args(cls, args: argparse.Namespace) -> dict:
-        """The options parsed by :func:`add_loop_arguments`, as keyword arguments; an option left at
-        ``None`` whose default here is not ``None`` (``--warmup`` of latent_sr) is left out, so the
-        trainer's own default applies."""
-        kw = {}
-        for f in dataclasses.fields(cls):
-            v = (not args.no_progress) if f.name == "progress" else getattr(args, LOOP_ARG_DESTS.get(f.name, f.name))
-            if v is None and f.default is not None:
-                continue
-            kw[f.name] = v
-        return kw
-
-
-# option key (LoopOptions field, "options" record of a checkpoint) -> argparse dest where they differ
-LOOP_ARG_DESTS = {"ema_decay": "ema"}
-
-
-def int_list(s: str) -> tuple[int, ...]:
-    """argparse type of ``--channels 16,32,64``."""
-    return tuple(int(v) for v in s.split(",") if v.strip())
-
-
-def add_loop_arguments(
-    p: argparse.ArgumentParser, *, data_help=None, out_help=None, warmup: int | None = LoopOptions.warmup,
-    warmup_help=None,
-) -> None:
-    """``--data``, ``--out``, ``--run``, ``--resume`` and the :class:`LoopOptions` of a trainer's command line."""
-    d = LoopOptions
-    p.add_argument("--data", required=True, help=data_help)
-    p.add_argument("--out", default=None, help=out_help)
-    p.add_argument("--run", required=True, help="folder for the full checkpoint and log.jsonl")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup", type=int, default=warmup, help=warmup_help)
-    p.add_argument("--steps", type=int, default=d.steps, help="total steps (stop there)")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--ema", type=float, default=d.ema_decay, help="EMA decay")
-    p.add_argument("--holdout-every", type=int, default=d.holdout_every)
-    p.add_argument("--ckpt-every-s", type=float, default=d.ckpt_every_s)
-    p.add_argument("--ckpt-every-steps", type=int, default=d.ckpt_every_steps)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument(
-        "--max-minutes", type=float, default=d.max_minutes, help="stop (with a checkpoint) after this long"
-    )
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--device", default=d.device)
-    p.add_argument(
-        "--precision", choices=sorted(PRECISIONS), default=d.precision,
-        help="bf16: mixed-precision forward passes (fp32 weights and optimiser); faster where the CPU or GPU has bf16",
-    )
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--progress-interval", type=float, default=d.progress_interval, help="seconds between progress-bar updates"
-    )
-
-
-def cli_main(parser: argparse.ArgumentParser, argv, train) -> int:
-    """Parse (``--resume`` defaults from the checkpoint), call ``train(args, loop_kwargs)``, print its result
-    as JSON; a TrainingError is one line on stderr and exit status 2."""
-    args = parse_with_resume_defaults(parser, argv, rename=LOOP_ARG_DESTS)
-    try:
-        result = train(args, LoopOptions.kwargs_from_args(args))
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, default=str))
-    return 0
 
 
 class Trainer:
     """What every trainer does around its own model and loss.
 
-    ``Trainer(run_dir, loop)`` sets the threads, resolves the device, creates the run folder (refusing to
-    overwrite a checkpoint unless ``loop.resume``) and loads the checkpoint to resume from (``resumed``).
+    ``Trainer(run_dir, loop, kind, out_dir)`` checks the loop options, sets the threads, resolves the device,
+    checks that the run (and export) folder can be written, refuses to overwrite a checkpoint unless
+    ``loop.resume`` and loads the checkpoint to resume from (``resumed``, of ``kind`` if given). It creates
+    nothing: the run folder appears with the first log record (:meth:`log_start`).
     :meth:`build_model` seeds torch and builds the model, its EMA, AdamW and the two RNGs, restored from
     the checkpoint on resume; :meth:`optimize` is the optimiser step of ``step_fn``; :meth:`save` writes
     the checkpoint; :meth:`train` runs the loop and logs its end.
     """
 
-    def __init__(self, run_dir, loop: LoopOptions):
-        if loop.precision not in PRECISIONS:
-            raise TrainingError(f"precision {loop.precision!r}: expected one of {', '.join(sorted(PRECISIONS))}")
+    def __init__(self, run_dir, loop: LoopOptions, kind: str | None = None, out_dir=None):
+        loop.check()
         set_threads(loop.threads)
         self.loop = loop
         self.device = resolve_device(loop.device)
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = check_folder(run_dir, "--run")
+        if out_dir is not None:
+            check_folder(out_dir, "--out")
         self.ckpt_path = self.run_dir / CHECKPOINT_NAME
         if not loop.resume and self.ckpt_path.exists():
             raise TrainingError(f"{self.ckpt_path} exists: pass --resume to continue it, or choose another --run")
-        self.resumed: dict | None = load_checkpoint(self.ckpt_path) if loop.resume else None
+        self.resumed: dict | None = load_checkpoint(self.ckpt_path, kind) if loop.resume else None
         self.log = JsonlLog(self.run_dir / LOG_NAME)
         self.hardware = hardware_string(self.device, loop.threads)
+
+    def model_config(self, model_cfg: dict) -> dict:
+        """The model config this run trains: the checkpoint's on resume, else ``model_cfg``."""
+        return self.resumed["model_cfg"] if self.resumed is not None else model_cfg
 
     def build_model(self, build, model_cfg: dict, *, weight_decay: float = 0.0, init=None) -> nn.Module:
         """``build(**model_cfg)`` on the device (the checkpoint's config on resume; then ``init(model,
@@ -582,7 +349,10 @@ class Trainer:
         torch.manual_seed(loop.seed)
         state, self.resumed = self.resumed, None
         self.model_cfg = state["model_cfg"] if state is not None else model_cfg
-        model = build(**self.model_cfg).to(self.device)
+        try:
+            model = build(**self.model_cfg).to(self.device)
+        except TypeError as e:  # a checkpoint's config this trainer does not know
+            raise TrainingError(f"{self.ckpt_path}: model config does not fit this trainer ({one_line(e)})") from None
         if init is not None:
             init(model, self.model_cfg)
         self.model = model
@@ -592,9 +362,12 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(loop.seed)
         self.step, self.elapsed = 0, 0.0
         if state is not None:
-            model.load_state_dict(state["model"])
-            self.ema.load_state_dict(state["ema"])
-            self.opt.load_state_dict(state["opt"])
+            try:
+                model.load_state_dict(state["model"])
+                self.ema.load_state_dict(state["ema"])
+                self.opt.load_state_dict(state["opt"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise TrainingError(f"{self.ckpt_path}: weights do not fit its model config ({one_line(e)})") from None
             set_rng_state(self.np_rng, self.gen, state["rng"])
             self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
             del state

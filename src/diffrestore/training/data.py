@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..io import pil_to_rgb
-from .common import TrainingError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from ..evaluation.data import IMAGE_SUFFIXES
+from ..io import open_rgb
+from .checkpoints import TrainingError
 
 
 def list_photos(data_dir: str | os.PathLike) -> list[Path]:
@@ -45,13 +44,15 @@ def split_photos(files: list[Path], holdout_every: int = 28) -> tuple[list[Path]
 
 
 def load_photos(files: list[Path], min_short_side: int = 128, limit: int | None = None) -> list[Image.Image]:
-    """Decode photos into memory as 8-bit RGB PIL images, skipping those with a short side below
-    ``min_short_side`` (they would have to be upsampled)."""
+    """Decode photos into memory as 8-bit RGB PIL images as a viewer shows them (``io.open_rgb``), skipping
+    those with a short side below ``min_short_side`` (they would have to be upsampled); a file that cannot
+    be used is a TrainingError."""
     out = []
     for f in files:
-        with Image.open(f) as im:
-            im.load()
-            rgb = pil_to_rgb(im)
+        try:
+            rgb = open_rgb(f)
+        except ValueError as e:  # unreadable, truncated, too many pixels, non-finite values
+            raise TrainingError(f"{str(e).splitlines()[0]}; remove it from --data") from None
         if min(rgb.size) < min_short_side:
             continue
         out.append(rgb)

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from ..io import atomic_path, atomic_write_bytes
-from ..priors.base import PREDICTION_TYPES, alphas_cumprod_from_betas, eps_from_v
+from ..priors._files import from_pretrained
+from ..priors.base import PREDICTION_TYPES, PriorLoadError, alphas_cumprod_from_betas, eps_from_v
 from .common import (
     LoopOptions,
     Trainer,
@@ -47,12 +48,12 @@ from .common import (
     add_loop_arguments,
     atomic_write_json,
     atomic_write_text,
+    check_architecture,
     cli_main,
     fmt_hours,
     int_list,
     param_count,
     psnr,
-    resolve_device,
     save_diffusers_fp16,
     unet2d,
 )
@@ -261,13 +262,18 @@ def train_autoencoder(
 
     Loop options: :class:`LoopOptions` (here warmup 500 and steps 200,000 by default)."""
     loop = LoopOptions.resolve(loop, loop_options, warmup=500, steps=200_000)
-    tr = Trainer(run_dir, loop)
+    tr = Trainer(run_dir, loop, "autoencoder", out_dir)
     dev = tr.device
     if out_dir is not None and (Path(out_dir) / "unet" / "config.json").is_file():
         raise TrainingError(
             f"{out_dir}: a latent UNet was trained on this folder's vae/; exporting a new autoencoder would "
             "invalidate it (export to another --out, then retrain the unet stage on it)"
         )
+    model_cfg = tr.model_config(dict(
+        block_out_channels=list(channels), layers_per_block=layers_per_block, latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups, sample_size=crop,
+    ))  # fmt: skip
+    check_architecture(crop, model_cfg.get("block_out_channels", ()), model_cfg.get("norm_num_groups", 0))
     photos, sampler, val_x = load_training_data(data_dir, crop, short_side, loop.holdout_every, max_photos, val_size)
     stats_x = fixed_batch(sampler, stats_size, seed=4242) if stats_size else None
 
@@ -276,10 +282,6 @@ def train_autoencoder(
             with torch.no_grad():
                 model.quant_conv.bias[cfg["latent_channels"] :] = logvar_init
 
-    model_cfg = dict(
-        block_out_channels=list(channels), layers_per_block=layers_per_block, latent_channels=latent_channels,
-        norm_num_groups=norm_num_groups, sample_size=crop,
-    )
     model = tr.build_model(build_autoencoder, model_cfg, init=init_logvar)
     model_cfg = tr.model_cfg
     options = tr.options(
@@ -398,9 +400,9 @@ def train_decoder(
         raise TrainingError(f"crop must be a multiple of 4 larger than 2 x margin, got crop {crop}, margin {margin}")
     if lpips_weight < 0:
         raise TrainingError(f"--lpips-weight must be >= 0, got {lpips_weight}")
-    perceptual = _lpips_or_error(resolve_device(loop.device)) if lpips_weight > 0 else None  # before the run folder
-    tr = Trainer(run_dir, loop)
+    tr = Trainer(run_dir, loop, "decoder", out_dir)
     dev = tr.device
+    perceptual = _lpips_or_error(dev) if lpips_weight > 0 else None
     frozen, vae_sha = load_frozen_vae(Path(vae_dir), dev)
     photos, _, val_x = load_training_data(data_dir, crop, (192.0, 256.0), loop.holdout_every, max_photos, val_size)
     encoded = load_or_encode_photos(tr.run_dir, photos, frozen, vae_sha, encoded_sides, dev, loop.seed)
@@ -478,7 +480,10 @@ def load_frozen_vae(folder: Path, device) -> tuple[torch.nn.Module, str]:
     weights = folder / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         raise TrainingError(f"{folder}: no trained autoencoder (train the 'autoencoder' stage first)")
-    vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
+    try:
+        vae = from_pretrained(AutoencoderKL, folder, torch.float32)
+    except PriorLoadError as e:
+        raise TrainingError(str(e)) from None
     return vae.to(device).eval().requires_grad_(False), _file_sha256(weights)
 
 
@@ -552,10 +557,14 @@ def load_or_encode_photos(run_dir: Path, photos, vae, vae_sha: str, sides, devic
     key = {"vae_sha256": vae_sha, "sides": [int(v) for v in sides], "photos": len(photos), "seed": int(seed)}
     path = Path(run_dir) / "encoded_photos.pt"
     if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == key:
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged or foreign cache is encoded again and replaced
+            cached = {}
+        if isinstance(cached, dict) and cached.get("key") == key:
             return EncodedPhotos(cached["pixels"], cached["latents"])
     enc = EncodedPhotos.encode(photos, vae, sides, device, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save({"key": key, "pixels": enc.pixels, "latents": enc.latents}, tmp)
     return enc
@@ -632,13 +641,11 @@ def train_latent_unet(
     ``prediction``: "epsilon" or "v_prediction" (the network's target; written to the scheduler config).
     """
     loop = LoopOptions.resolve(loop, loop_options)
-    if crop % 4:
-        raise TrainingError(f"crop must be a multiple of 4, got {crop}")
     if prediction not in PREDICTION_TYPES:
         raise TrainingError(f"prediction must be {' or '.join(PREDICTION_TYPES)}, got {prediction!r}")
     if encoded_sides is not None and min(encoded_sides) < crop:
         raise TrainingError(f"encoded short sides {list(encoded_sides)} must be >= the crop {crop}")
-    tr = Trainer(run_dir, loop)
+    tr = Trainer(run_dir, loop, "latent_unet", out_dir)
     dev = tr.device
     if vae_dir is None:
         if out_dir is None:
@@ -648,15 +655,16 @@ def train_latent_unet(
     if tr.resumed is not None and tr.resumed.get("vae_sha256") not in (None, vae_sha):
         raise TrainingError(f"{vae_dir}: the autoencoder changed since this UNet run started (sha256 differs)")
     latent_channels = int(vae.config.latent_channels)
+    model_cfg = tr.model_config(dict(
+        block_out_channels=list(channels), layers_per_block=layers_per_block, latent_channels=latent_channels,
+        attention=attention, norm_num_groups=norm_num_groups, sample_size=crop // 4,
+    ))  # fmt: skip
+    check_architecture(crop, model_cfg.get("block_out_channels", ()), model_cfg.get("norm_num_groups", 0), scale=4)
     photos, sampler, val_x = load_training_data(data_dir, crop, short_side, loop.holdout_every, max_photos, val_size)
     encoded = None
     if encoded_sides is not None:
         encoded = load_or_encode_photos(tr.run_dir, photos, vae, vae_sha, encoded_sides, dev, loop.seed)
 
-    model_cfg = dict(
-        block_out_channels=list(channels), layers_per_block=layers_per_block, latent_channels=latent_channels,
-        attention=attention, norm_num_groups=norm_num_groups, sample_size=crop // 4,
-    )
     model = tr.build_model(build_latent_unet, model_cfg)
     model_cfg = tr.model_cfg
     ac = ldm_alphas_cumprod()
@@ -741,8 +749,9 @@ def train_latent_sr(stage: str, data_dir, out_dir, run_dir, **kw) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m diffrestore.training.latent_sr", description=__doc__.splitlines()[0])
+def build_parser(parser_class=argparse.ArgumentParser, prog: str | None = None) -> argparse.ArgumentParser:
+    """The trainer's command line (``parser_class`` and ``prog``: the ``diffrestore train`` command's own)."""
+    p = parser_class(prog=prog or "python -m diffrestore.training.latent_sr", description=__doc__.splitlines()[0])
     p.add_argument("stage", choices=["autoencoder", "unet", "decoder"])
     add_loop_arguments(
         p, out_help="model folder (hub layout) to export vae/ or unet/ into", warmup=None,
@@ -790,8 +799,8 @@ def _train_from_args(a, kw: dict) -> dict:
     return train_latent_sr(a.stage, a.data, a.out, a.run, **kw)
 
 
-def main(argv=None) -> int:
-    return cli_main(build_parser(), argv, _train_from_args)
+def main(argv=None, parser_class=argparse.ArgumentParser, prog: str | None = None) -> int:
+    return cli_main(build_parser(parser_class, prog), argv, _train_from_args)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,11 @@ from ..priors.base import alphas_cumprod_from_betas, linear_betas
 from .common import (
     LoopOptions,
     Trainer,
+    TrainingError,
     add_loop_arguments,
     atomic_write_json,
     atomic_write_text,
+    check_architecture,
     cli_main,
     fmt_hours,
     int_list,
@@ -138,17 +140,20 @@ def train_pixel(
     checkpoint. ``out_dir=None`` skips the export.
     """
     loop = LoopOptions.resolve(loop, loop_options)
-    tr = Trainer(run_dir, loop)
+    if not (0.0 <= t_low_frac <= 1.0) or not (weight_decay >= 0.0):
+        raise TrainingError(f"--t-low-frac {t_low_frac} must be in [0, 1] and --weight-decay {weight_decay} >= 0")
+    tr = Trainer(run_dir, loop, "pixel", out_dir)
     dev = tr.device
-    photos, sampler, val_x = load_training_data(
-        data_dir, crop, short_side, loop.holdout_every, max_photos, val_size if validate else 0
-    )
-    model_cfg = dict(
+    model_cfg = tr.model_config(dict(
         block_out_channels=list(channels),
         layers_per_block=layers_per_block,
         attention=attention,
         norm_num_groups=norm_num_groups,
         sample_size=crop,
+    ))  # fmt: skip
+    check_architecture(crop, model_cfg.get("block_out_channels", ()), model_cfg.get("norm_num_groups", 0))
+    photos, sampler, val_x = load_training_data(
+        data_dir, crop, short_side, loop.holdout_every, max_photos, val_size if validate else 0
     )
     model = tr.build_model(build_pixel_unet, model_cfg, weight_decay=weight_decay)
     model_cfg = tr.model_cfg
@@ -248,8 +253,9 @@ Validation on {options['crop']}px held-out crops (EMA weights; one-step denoisin
     atomic_write_text(out_dir / "README.md", readme)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m diffrestore.training.pixel", description=__doc__.splitlines()[0])
+def build_parser(parser_class=argparse.ArgumentParser, prog: str | None = None) -> argparse.ArgumentParser:
+    """The trainer's command line (``parser_class`` and ``prog``: the ``diffrestore train`` command's own)."""
+    p = parser_class(prog=prog or "python -m diffrestore.training.pixel", description=__doc__.splitlines()[0])
     add_loop_arguments(p, data_help="folder of training photos", out_help="model folder to export the EMA fp16 weights to")
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -262,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    return cli_main(build_parser(), argv, lambda a, loop: train_pixel(
+def main(argv=None, parser_class=argparse.ArgumentParser, prog: str | None = None) -> int:
+    return cli_main(build_parser(parser_class, prog), argv, lambda a, loop: train_pixel(
         a.data, a.out, a.run, crop=a.crop, weight_decay=a.weight_decay, t_low_frac=a.t_low_frac,
         t_low_max=a.t_low_max, channels=a.channels, layers_per_block=a.layers_per_block, attention=a.attention,
         norm_num_groups=a.norm_groups, **loop,

@@ -1,0 +1,172 @@
+"""``diffrestore restore``: restore image files (or degrade clean ones, restore and score them).
+
+Its checks run cheapest first: options and image headers before torch is imported (a decompression bomb,
+``--samples 200000`` or ``--blur-sigma 1e6`` is refused in well under a second), then the inputs are
+decoded, then the task, device and memory estimate, and only then is the prior loaded and anything written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffrestore import io, resources
+from diffrestore.cli import CLIError, add_run_options, parse_adm_config
+
+
+SUMMARY = "restore degraded images (or degrade clean ones with --degrade, then restore and score)"
+DESCRIPTION = (
+    "Restore images. Without --degrade each IMG is the measurement y (e.g. the 64x64 low-resolution image for "
+    "sr4). With --degrade each IMG is a clean image: it is degraded with the task's operator and noise, restored, "
+    "and scored (PSNR/SSIM) against the clean image."
+)
+
+
+def add_restore(sub) -> None:
+    p = sub.add_parser("restore", help=SUMMARY, description=DESCRIPTION)
+    p.add_argument("images", nargs="+", metavar="IMG")
+    p.add_argument("--task", required=True, help="task name (see `diffrestore tasks`)")
+    p.add_argument("--method", default="ddrm", help="ddrm, srldm, ddrm-srldm, ddrm-ldm")
+    p.add_argument("--prior", required=True, help="model: a path (ADM .pt, LDM .ckpt, diffusers folder) or builtin:NAME")
+    p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the method's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--degrade", action="store_true", help="inputs are clean images: degrade, restore, score")
+    p.add_argument("--sigma-y", type=float, default=None, help="measurement noise std in [-1,1] units")
+    p.add_argument("--blur-sigma", type=float, default=None, help="Gaussian blur std in pixels")
+    p.add_argument("--scale", type=int, default=None, help="super-resolution factor")
+    p.add_argument("--mask", default=None, help="inpainting mask image (white = observed)")
+    p.add_argument("--eta", type=float, default=None, help="DDRM eta / DDIM eta")
+    p.add_argument("--eta-b", type=float, default=None, help="DDRM eta_b")
+    p.add_argument(
+        "--start", type=float, default=None,
+        help="latent methods: run the steps over this fraction of the diffusion, starting from the upsampled "
+        "measurement instead of pure noise (srldm default 1, ddrm-ldm 0.5)",
+    )
+    p.add_argument(
+        "--stop", type=float, default=None,
+        help="ddrm-ldm: end the steps at this fraction of the diffusion and return the consistent clean estimate "
+        "there (default 0.4, best in PSNR and FID with builtin:ldmsr-s; 0: a full sample)",
+    )
+    p.add_argument(
+        "--samples", type=int, default=None, metavar="N",
+        help="write the mean of N samples (an estimate of the posterior mean: higher PSNR, N times the cost) "
+        "and IMG_TASK_METHOD_std.png, their per-pixel spread (white: std 0.1 in [-1, 1] units or more); "
+        "the N samples run as one batch, so memory grows with N",
+    )
+    p.add_argument(
+        "--option", action="append", default=[], metavar="NAME=VALUE",
+        help="any other option of the method (repeatable; `diffrestore methods` lists them), "
+        "e.g. --option consistency=true (srldm), --option rho=0.2 (ddrm-ldm), --option strategy=b (ddrm-srldm)",
+    )
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
+    add_run_options(p)
+    p.set_defaults(func=cmd_restore)
+
+
+def _restore_early_checks(args) -> list[tuple[str, int, int]]:
+    """restore's cheap refusals, before torch is imported: step count, blur width, image headers against
+    ``--max-pixels``, and a lower bound of the memory (neither the prior kind nor the operator is known
+    yet; an SR scale given with --scale enlarges the restored image). Returns (path, height, width) of
+    every input."""
+    if args.max_pixels < 1:
+        raise CLIError(f"--max-pixels must be positive, got {args.max_pixels}")
+    resources.check_steps(args.steps)
+    resources.check_device_name(args.device)
+    if args.blur_sigma is not None:
+        resources.check_blur_sigma(args.blur_sigma)
+    samples = max(1, args.samples or 1)  # a count below 1 is refused with the method's options
+    sizes = [(path, *resources.image_size(path, args.max_pixels)[::-1]) for path in args.images]
+    if args.mask:
+        resources.image_size(args.mask, args.max_pixels)
+    if args.device is None or not str(args.device).startswith("cuda"):  # a GPU's memory is read with torch
+        scale = 1 if args.degrade or args.scale is None or args.scale < 1 else args.scale
+        budget = resources.memory_budget(args.max_memory)
+        for path, h, w in sizes:
+            resources.check_memory(h * scale, w * scale, budget, samples=samples, what=f"{path} ({h * scale}x{w * scale} restored)")
+    return sizes
+
+
+def _restore_checks(args, info, overrides: dict, device, sizes: list[tuple[str, int, int]], samples: int) -> None:
+    """restore's checks that need the task registry: the task and its parameters, the memory of every
+    restored image with ``samples`` draws, this method's prior kind and the task's operator."""
+    from diffrestore.operators.tasks import check_task, get_task_spec, measurement_factor
+
+    check_task(args.task, **overrides)
+    factor = 1 if args.degrade else measurement_factor(args.task, **overrides)
+    budget = resources.memory_budget(args.max_memory, str(device))
+    separable = get_task_spec(args.task).separable
+    for path, h, w in sizes:
+        resources.check_memory(h * factor, w * factor, budget, samples=samples, kind=info.prior,
+                               separable=separable, what=f"{path} ({h * factor}x{w * factor} restored)")
+
+
+def cmd_restore(args) -> int:
+    sizes = _restore_early_checks(args)
+    # decoded before torch loads and before anything is written: a bad file costs a fraction of a second
+    pictures = [(Path(p), io.open_rgb(p, args.max_pixels)) for p in args.images]
+    mask_picture = io.open_rgb(args.mask, args.max_pixels) if args.mask else None
+
+    import torch
+
+    from diffrestore.methods import check_options, get_method, method_options
+    from diffrestore.pipeline import restore_file_inputs
+    from diffrestore.priors.loading import load_prior
+
+    device = resources.resolve_device(args.device)
+    info = get_method(args.method)
+    adm_config = parse_adm_config(args.adm_config)
+    method_kwargs = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start, "stop": args.stop, "samples": args.samples}
+    unknown = [k for k, v in method_kwargs.items() if v is not None and k not in method_options(info.name)]
+    if unknown:
+        raise CLIError(f"method {info.name} has no option --{unknown[0].replace('_', '-')}")
+    for item in args.option:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise CLIError(f"--option {item!r} is not NAME=VALUE")
+        if method_kwargs.get(name.strip()) is not None:
+            raise CLIError(f"option {name.strip()} is given twice")
+        method_kwargs[name.strip()] = value.strip()
+    try:  # values out of range: refused before anything is loaded
+        method_kwargs = check_options(info.name, method_kwargs)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    overrides = {k: v for k, v in (("sigma_y", args.sigma_y), ("blur_sigma", args.blur_sigma), ("scale", args.scale)) if v is not None}
+    _restore_checks(args, info, overrides, device, sizes, samples=method_kwargs.get("samples", 1))
+    steps = args.steps if args.steps is not None else info.default_steps
+
+    images = [(p, io.rgb_to_tensor(img)) for p, img in pictures]
+    mask = io.rgb_to_tensor(mask_picture) if mask_picture is not None else None
+    out = Path(args.out)
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    with io.writing_into(out) as written:
+        prior = load_prior(args.prior, device=str(device), dtype=dtype, adm_config=adm_config, frozen_graphs=args.frozen_graphs)
+        kind = "latent" if hasattr(prior, "encode") else "pixel"
+        if kind != info.prior:
+            raise CLIError(f"method {info.name} needs a {info.prior} prior, but {args.prior} is a {kind} prior")
+        results = restore_file_inputs(
+            images,
+            method=info.name,
+            prior=prior,
+            prior_spec=args.prior,
+            task_name=args.task,
+            overrides=overrides,
+            degrade=args.degrade,
+            mask=mask,
+            steps=steps,
+            seed=args.seed,
+            device=str(device),
+            out=out,
+            written=written,
+            method_kwargs=method_kwargs,
+            progress=not args.no_progress,
+            adm_config=adm_config,
+        )
+    for r in results:
+        line = f"{r['input']}: {r['method']} {r['task']} in {r['seconds']:.1f}s"
+        if "psnr" in r:
+            line += f"  PSNR {r['psnr']:.2f} dB (baseline {r['baseline_psnr']:.2f})  PSNR-Y {r['psnr_y']:.2f} dB  SSIM {r['ssim']:.4f}"
+        print(line)
+    print(f"results in {out}/")
+    return 0
+
+
