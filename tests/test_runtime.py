@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -115,10 +114,10 @@ def test_native_bf16_read_from_cpu_flags():
     assert runtime.cpu_has_native_bf16() == expected
 
 
-def test_fp16_on_cpu_warns_once_and_only_there():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        runtime.warn_cpu_fp16("fp16", "cpu")
-        runtime.warn_cpu_fp16("bf16", "cpu")
-        runtime.warn_cpu_fp16("fp16", "cuda")
-    assert len(caught) == 1 and "15x slower" in str(caught[0].message)
+def test_fp16_on_cpu_warns_in_one_line_and_only_there(capsys, monkeypatch):
+    monkeypatch.setattr(runtime, "auto_dtype", lambda device: "bf16")
+    assert runtime.pick_dtype("fp16", "cpu") == "fp16"
+    assert capsys.readouterr().err == "diffrestore: warning: fp16 on a CPU runs about 15x slower than fp32; use --dtype auto or bf16\n"
+    assert [runtime.pick_dtype(name, "cpu") for name in ("bf16", "fp32", "auto", None)] == ["bf16", "fp32", "bf16", "bf16"]
+    assert runtime.pick_dtype("fp16", "cuda") == "fp16"
+    assert capsys.readouterr().err == ""

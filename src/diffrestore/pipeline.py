@@ -154,12 +154,13 @@ def restore_file_inputs(
     method_kwargs: dict,
     progress: bool = True,
     adm_config: dict | None = None,
+    dtype: str | None = None,
 ) -> list[dict]:
     """Restore image files one by one and write PNGs + a JSON record per image into ``out``.
 
     ``images`` is a list of (path, tensor (3, H, W) in [-1, 1]). Every file written is appended to
     ``written`` so a caller can remove them if a later image fails. ``adm_config`` (the prior's
-    ``--adm-config``, if any) goes into the records.
+    ``--adm-config``, if any) and ``dtype`` (the network precision's name) go into the records.
     """
     from tqdm.auto import tqdm
 
@@ -227,6 +228,7 @@ def restore_file_inputs(
             "crop": note,
             "seconds": seconds,
             "device": str(device),
+            **({"dtype": dtype} if dtype is not None else {}),
         }
         files = {f"{stem}_{task_name}_{method}.png": x_hat}
         if std is not None:

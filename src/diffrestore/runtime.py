@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import warnings
+import sys
 
-__all__ = ["tune_allocator", "allocator_tuned", "release_free_memory", "cpu_has_native_bf16", "auto_dtype", "warn_cpu_fp16"]
+__all__ = ["tune_allocator", "allocator_tuned", "release_free_memory", "cpu_has_native_bf16", "auto_dtype", "pick_dtype", "warn_cpu_fp16"]
 
 # glibc's mallopt parameter numbers (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -112,9 +112,19 @@ def auto_dtype(device) -> str:
     return "fp32"
 
 
+def pick_dtype(name: str | None, device) -> str:
+    """A precision name ("auto", "fp32", "fp16", "bf16"; None means "auto") as the concrete one to run:
+    "auto" per ``auto_dtype``; fp16 on a CPU warns (``warn_cpu_fp16``)."""
+    name = "auto" if name is None else str(name)
+    if name == "auto":
+        return auto_dtype(device)
+    warn_cpu_fp16(name, device)
+    return name
+
+
 def warn_cpu_fp16(dtype, device) -> None:
-    """One warning line when fp16 networks are asked for on a CPU, where they run ~15x slower than fp32."""
+    """One warning line on stderr when fp16 networks are asked for on a CPU, where they run ~15x slower than fp32."""
     import torch
 
     if str(dtype) in ("fp16", "float16", "torch.float16") and torch.device(device).type == "cpu":
-        warnings.warn("fp16 on a CPU runs about 15x slower than fp32; use --dtype bf16 or auto", stacklevel=2)
+        print("diffrestore: warning: fp16 on a CPU runs about 15x slower than fp32; use --dtype auto or bf16", file=sys.stderr)
