@@ -16,7 +16,8 @@ Needs nothing but this repository (and PyTorch with CUDA): it makes the package 
 It prints one table and writes everything to a JSON file. ``--dry-run`` runs the same code on the CPU at
 tiny sizes (tiny networks, 1-2 steps, batch 1-2, gloo) in well under a minute: the CI check of this script.
 
-    python bench/device_check.py [--json device_check.json] [--budget-s 420] [--dry-run]
+    python bench/device_check.py [--json device_check.json] [--budget-s 330] [--dry-run]
+    bench/device_check.sh   # the same, JSON next to the table in device_check.json
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def build_adm_prior(device: str, dtype, dry: bool):
 
     torch.manual_seed(0)
     cfg = adm_config(**TINY_ADM) if dry else adm_config()  # the defaults are the 256x256 unconditional model
+    dtype = None if dtype == torch.float32 else dtype
     return UNetPixelPrior(build_adm_unet(cfg, device=device), dtype=dtype).to(device), cfg["sample_size"]
 
 
@@ -137,6 +139,7 @@ def build_ldm_prior(device: str, dtype, dry: bool):
     with torch.device(device):
         unet = UNet2DModel(**(TINY_LDM_UNET if dry else LDM_UNET))
         vq = VQModel(**(TINY_LDM_VQ if dry else LDM_VQ))
+    dtype = None if dtype == torch.float32 else dtype
     return DiffusersLatentSRPrior(unet, vq, dtype=dtype).to(device), 64 if dry else 256
 
 
@@ -149,44 +152,61 @@ def compiled(prior, dry: bool):
 
 
 def time_rows(device: str, dry: bool, deadline: float) -> list[dict]:
-    """Every (network, dtype, compile, batch, steps) row, cheapest-first within a network; rows past the deadline are skipped."""
+    """Every (network, dtype, compile, batch, steps) row; rows past the deadline are listed as skipped."""
+    import torch
+
+    plan = [("ddrm", "ADM-256", build_adm_prior, (1, 2) if dry else (20, 100)),
+            ("srldm", "LDM-SR", build_ldm_prior, (2,) if dry else (100,))]  # fmt: skip
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    # fp16 on a CPU is ~15x slower than fp32: the dry run times fp32 in its place, and compiles once
+    combos = [(False, "bf16"), (False, "fp32"), (True, "bf16")] if dry else [(c, n) for c in (False, True) for n in ("bf16", "fp16")]
+    rows = []
+    for compile_, name in combos:
+        for method, net, build, step_list in plan:
+            head = {"method": method, "network": net, "dtype": name, "compile": compile_}
+            if time.monotonic() > deadline:
+                rows += [{**head, "batch": b, "steps": s, "skipped": "time budget"} for b in (1, 16) for s in step_list]
+                continue
+            prior, size = build(device, dtypes[name], dry)
+            if compile_:
+                prior = compiled(prior, dry)
+            batches = ((1,) if compile_ else (1, 2)) if dry else (1, 16)  # a compile per batch size: once in the dry run
+            rows += time_network(prior, method, size, head, batches, step_list, device, deadline)
+            del prior
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return rows
+
+
+def time_network(prior, method: str, size: int, head: dict, batches, step_list, device: str, deadline: float) -> list[dict]:
+    """sr4 restores of random ``size`` images with one prior: a one-step warm-up (compiles), then the timed run."""
     import torch
 
     from diffrestore.operators.tasks import make_task
     from diffrestore.pipeline import run_method
 
-    plan = [("ddrm", "ADM-256", build_adm_prior, (1, 2) if dry else (20, 100)), ("srldm", "LDM-SR", build_ldm_prior, (2,) if dry else (100,))]
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    task = make_task("sr4", (3, size, size))
+    priors = {"pixel": prior, "latent": prior}
     rows = []
-    for compile_ in (False, True):
-        for name, dt in dtypes.items():
-            for method, net, build, step_list in plan:
-                prior, size = build(device, dt, dry)
-                if compile_:
-                    prior = compiled(prior, dry)
-                task = make_task("sr4", (3, size, size))
-                for batch in (1, 2) if dry else (1, 16):
-                    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-                    y = task.operator.H(x).to(device)
-                    for steps in step_list:
-                        row = {"method": method, "network": net, "dtype": name, "compile": compile_, "batch": batch, "steps": steps}
-                        rows.append(row)
-                        if time.monotonic() > deadline:
-                            row["skipped"] = "time budget"
-                            continue
-                        with torch.no_grad():
-                            t0 = time.perf_counter()
-                            run_method(method, {"pixel": prior, "latent": prior}, task, y, steps=1, seed=0)  # warm-up / compile
-                            row["warmup_s"] = time.perf_counter() - t0
-                            if device.startswith("cuda"):
-                                torch.cuda.reset_peak_memory_stats()
-                            seconds = run_method(method, {"pixel": prior, "latent": prior}, task, y, steps=steps, seed=0).seconds
-                        row.update(seconds=seconds, images_per_s=batch / seconds)
-                        if device.startswith("cuda"):
-                            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                del prior
+    for batch in batches:
+        x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        y = task.operator.H(x).to(device)
+        for steps in step_list:
+            row = {**head, "batch": batch, "steps": steps}
+            rows.append(row)
+            if time.monotonic() > deadline:
+                row["skipped"] = "time budget"
+                continue
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                run_method(method, priors, task, y, steps=1, seed=0)
+                row["warmup_s"] = time.perf_counter() - t0
                 if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                seconds = run_method(method, priors, task, y, steps=steps, seed=0).seconds
+            row.update(seconds=seconds, images_per_s=batch / seconds)
+            if device.startswith("cuda"):
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return rows
 
 
@@ -211,17 +231,23 @@ def torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def failure(proc: subprocess.CompletedProcess) -> str:
+    """The ranks' own error lines (not torchrun's report around them)."""
+    lines = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower() and "elastic" not in ln]
+    return " | ".join(dict.fromkeys(lines))[-400:] or proc.stderr.strip()[-400:]
+
+
 def two_rank_checks(device: str, dry: bool, tmp: Path) -> list[dict]:
     import torch
 
     data = write_images(tmp / "data")
-    ev = ["-m", "diffrestore", "evaluate", "--data", str(data), "--out", str(tmp / "run"), "--num-images", "4",
-          "--size", "64", "--tasks", "sr4", "--methods", "ddrm,srldm", "--steps", "2", "--device", device.split(":")[0],
-          "--dtype", "bf16", "--no-progress"]  # fmt: skip
+    ev = ["-m", "diffrestore", "evaluate", "--data", str(data), "--out", str(tmp / "run"), "--num-images", "2" if dry else "4",
+          "--size", "64", "--tasks", "sr4", "--methods", "ddrm,srldm", "--steps", "1" if dry else "5", "--device", device.split(":")[0],
+          "--dtype", "bf16", "--pixel-prior", "builtin:pixel-s", "--latent-prior", "builtin:ldmsr-xs", "--no-progress"]  # fmt: skip
     t0 = time.perf_counter()
     proc = torchrun(ev, timeout=240)
     records = len((tmp / "run" / "records.jsonl").read_text().splitlines()) if (tmp / "run" / "records.jsonl").is_file() else 0
-    detail = f"{records} records in {time.perf_counter() - t0:.1f} s" if proc.returncode == 0 else proc.stderr.strip()[-300:]
+    detail = f"{records} records in {time.perf_counter() - t0:.1f} s" if proc.returncode == 0 else failure(proc)
     out = [{"check": f"torchrun 2 ranks: evaluate on {device}", "ok": proc.returncode == 0, "detail": detail}]
     backend = "gloo" if dry else "nccl"
     if not dry and torch.cuda.device_count() < 2:
@@ -230,7 +256,7 @@ def two_rank_checks(device: str, dry: bool, tmp: Path) -> list[dict]:
         return out
     proc = torchrun([str(Path(__file__).resolve()), "--collective", backend], timeout=120)
     out.append({"check": f"torchrun 2 ranks: {backend} all-reduce", "ok": proc.returncode == 0,
-                "detail": "sum 1 + 2 = 3 on both ranks" if proc.returncode == 0 else proc.stderr.strip()[-300:]})  # fmt: skip
+                "detail": "sum 1 + 2 = 3 on both ranks" if proc.returncode == 0 else failure(proc)})  # fmt: skip
     return out
 
 
@@ -271,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU, gloo instead of nccl")
     ap.add_argument("--json", default="device_check.json", help="where to write the results (default device_check.json)")
-    ap.add_argument("--budget-s", type=float, default=420, help="start no speed row after this many seconds (default 420)")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no speed row after this many seconds (default 330; dry run: none)")
     ap.add_argument("--collective", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.collective:
@@ -293,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = [golden_pytest(dry), *golden_on_device(device)]
     with tempfile.TemporaryDirectory() as tmp:
         checks += two_rank_checks(device, dry, Path(tmp))
-    rows = time_rows(device, dry, deadline=start + args.budget_s)
+    budget = args.budget_s if args.budget_s is not None else (float("inf") if dry else 330)
+    rows = time_rows(device, dry, deadline=start + budget)
     result = {
         "mode": "dry run (CPU, tiny sizes)" if dry else "full", "device_name": torch.cuda.get_device_name() if not dry else platform.processor() or "cpu",
         "torch": torch.__version__, "install": install, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
