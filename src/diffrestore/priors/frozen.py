@@ -84,11 +84,26 @@ class FrozenUNetMixin:
     """For priors whose network is ``self.unet`` (a diffusers ``UNet2DModel``): eager or frozen calls."""
 
     _frozen_unet: FrozenGraphs | None = None
+    _channels_last = False
 
     def use_frozen_graphs(self, enabled: bool = True):
         """Run the UNet as frozen graphs from now on (or eagerly again); returns the prior."""
         self._frozen_unet = FrozenGraphs(UNetSample(self.unet)) if enabled else None
         return self
+
+    def use_channels_last(self, enabled: bool = True):
+        """Keep the UNet's weights and inputs in channels-last memory format (or the default one again), oneDNN's
+        own layout on a CPU, which saves its layout conversions in every convolution (``bench/network_formats.py``:
+        1.1-1.6x the network throughput of the built-in priors). Results differ by float rounding only."""
+        torch.nn.Module.to(self.unet, memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self._channels_last = bool(enabled)
+        if self._frozen_unet is not None:  # graphs hold the weights in the old layout: trace again
+            self.use_frozen_graphs()
+        return self
+
+    @property
+    def uses_channels_last(self) -> bool:
+        return self._channels_last
 
     @property
     def uses_frozen_graphs(self) -> bool:
@@ -96,6 +111,8 @@ class FrozenUNetMixin:
 
     def unet_sample(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet's output tensor for ``(x, t[, class_labels])``."""
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self._frozen_unet is None:
             return self.unet(x, t, class_labels=class_labels, return_dict=False)[0]
         args = (x, t) if class_labels is None else (x, t, class_labels)

@@ -19,6 +19,7 @@ the file and what was expected.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -49,6 +50,7 @@ def load_prior(
     kind: str | None = None,
     adm_config: Mapping[str, Any] | None = None,
     frozen_graphs: bool = False,
+    channels_last: bool | None = None,
 ) -> PixelPrior | LatentSRPrior:
     """Load a prior from a path or ``builtin:NAME``.
 
@@ -65,6 +67,9 @@ def load_prior(
         frozen_graphs: run the network as frozen TorchScript graphs (``priors.frozen``; the CLI's
             ``--frozen-graphs``), traced once per input size, where that is faster (``frozen_graphs_pay_off``:
             not a pixel prior in float32 on a CPU, which stays eager).
+        channels_last: keep the UNet in channels-last memory format (``use_channels_last``: faster on a CPU,
+            results differ by float rounding); None: as the environment variable ``DIFFRESTORE_CHANNELS_LAST=1``
+            says (how the CLI turns it on), else off.
     """
     if kind not in _KINDS:
         raise PriorLoadError(f"unknown prior kind {kind!r}; use 'pixel' or 'latent'")
@@ -77,6 +82,8 @@ def load_prior(
         raise PriorLoadError(f"{path}: no such file or folder")
     load = _load_folder if path.is_dir() else _load_file
     prior = load(path, device=device, dtype=dtype, kind=kind, adm_overrides=adm_config)
+    if channels_last if channels_last is not None else os.environ.get("DIFFRESTORE_CHANNELS_LAST", "") == "1":
+        prior.use_channels_last()
     return prior.use_frozen_graphs() if frozen_graphs and frozen_graphs_pay_off(prior) else prior
 
 
