@@ -5,7 +5,7 @@ One forward per variant is counted with ``FlopCounterMode`` (2 FLOP per multiply
 (best of ``--repeats`` after a warm-up). channels-last converts the weights and the input once; oneDNN then
 skips its per-call layout conversions.
 
-    PYTHONPATH=src python bench/network_formats.py [--size 256] [--repeats 3] [--threads 1]
+    PYTHONPATH=src python bench/network_formats.py [--size 256] [--repeats 3] [--threads 1] [--priors adm256]
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ def inputs(prior, size: int, dtype: torch.dtype):
     return prior.unet, (x, torch.tensor([500.0]))
 
 
+def make_prior(spec: str, dtype):
+    if spec != "adm256":
+        return load_prior(spec, dtype=dtype)
+    from diffrestore.priors.adm import adm_config, build_adm_unet
+    from diffrestore.priors.pixel import UNetPixelPrior
+
+    torch.manual_seed(0)
+    return UNetPixelPrior(build_adm_unet(adm_config()), dtype=dtype)
+
+
 def gflops(module, args, repeats: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -48,7 +58,8 @@ def gflops(module, args, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--priors", default="builtin:pixel-s,builtin:ldmsr-xs")
+    ap.add_argument("--priors", default="builtin:pixel-s,builtin:ldmsr-xs",
+                    help="prior specs; adm256: the full 256x256 unconditional ADM with random weights")
     ap.add_argument("--size", type=int, default=256, help="image side (a latent prior's UNet runs at size / downscale)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -59,7 +70,7 @@ def main() -> None:
         peak = conv_peak(dtype)
         print(f"{'conv peak':18s} {name:5s} {'':13s} {peak:8.1f}")
         for spec in args.priors.split(","):
-            prior = load_prior(spec, dtype=None if name == "fp32" else name)
+            prior = make_prior(spec, None if name == "fp32" else dtype)
             module, call = inputs(prior, args.size, dtype)
             for fmt in ("contiguous", "channels_last"):
                 if fmt == "channels_last":
