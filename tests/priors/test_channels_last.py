@@ -22,7 +22,7 @@ def test_golden_adm_calls_with_channels_last(shared, frozen):
     if frozen:
         prior.use_frozen_graphs()
     assert prior.uses_channels_last and prior.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    reference = load_prior(d / "unet_state_dict.pt", adm_config={"num_head_channels": 16})
+    reference = load_prior(d / "unet_state_dict.pt", adm_config={"num_head_channels": 16}, channels_last=False)
     assert not reference.uses_channels_last
     with torch.no_grad():
         for c in calls:
