@@ -21,7 +21,7 @@ import ctypes
 import os
 import sys
 
-__all__ = ["tune_allocator", "allocator_tuned", "release_free_memory", "cpu_has_native_bf16", "auto_dtype", "pick_dtype", "warn_cpu_fp16"]
+__all__ = ["tune_allocator", "allocator_tuned", "cpu_has_native_bf16", "auto_dtype", "pick_dtype", "warn_cpu_fp16"]
 
 # glibc's mallopt parameter numbers (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -67,14 +67,6 @@ def tune_allocator() -> bool:
 def allocator_tuned() -> bool:
     """Whether ``tune_allocator`` is in effect in this process."""
     return _tuned
-
-
-def release_free_memory() -> None:
-    """Return the heap's free memory to the kernel now (``malloc_trim``), e.g. after a large restore in
-    a long-lived process; a no-op outside glibc."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def cpu_has_native_bf16() -> bool:
