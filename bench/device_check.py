@@ -50,17 +50,18 @@ TINY_ADM = dict(image_size=64, num_channels=32, num_res_blocks=1, attention_reso
 
 
 def ensure_importable() -> str:
-    """Import diffrestore from this checkout: installed (editable) or installed now without network."""
-    if SRC not in sys.path:
-        sys.path.insert(0, SRC)
-    if importlib.util.find_spec("diffrestore") is not None and os.environ.get("PYTHONPATH", "").find(SRC) >= 0:
-        return "on PYTHONPATH"
+    """Import diffrestore from this checkout: as installed, else ``pip install -e .`` now (no network: no deps),
+    and src/ on sys.path whatever pip says (the children get it on PYTHONPATH)."""
     spec = importlib.util.find_spec("diffrestore")
     if spec is not None and spec.origin and Path(spec.origin).resolve().is_relative_to(ROOT):
-        return "installed from this checkout"
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", str(ROOT)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    return "pip install -e ." if proc.returncode == 0 else f"src/ on sys.path (pip install failed: {proc.stderr.strip()[-200:]})"
+        how = "diffrestore from this checkout"
+    else:
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", str(ROOT)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        how = "pip install -e ." if proc.returncode == 0 else f"src/ on sys.path (pip install failed: {proc.stderr.strip()[-200:]})"
+    if SRC not in sys.path:
+        sys.path.insert(0, SRC)
+    return how
 
 
 def child_env() -> dict:
