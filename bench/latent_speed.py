@@ -13,7 +13,7 @@ Each ratio is printed for eager networks and for frozen TorchScript graphs (``pr
 priors frozen alike, graphs traced during the warm-up), each method against DDRM in the same mode.
 
     PYTHONPATH=src python bench/latent_speed.py --pixel-prior builtin:pixel-s \
-        --latent-prior builtin:ldmsr-xs [--steps 10,50] [--repeats 3] [--threads 1] [--modes eager,frozen] \
+        --latent-prior builtin:ldmsr-xs [--steps 10,50] [--repeats 3] [--threads 1] [--modes eager,frozen] [--dtype bf16] \
         [--srldm-options consistency=true]
 """
 
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="network precision of both priors")
     ap.add_argument("--modes", default="eager,frozen", help="network modes to time: eager, frozen or both")
     ap.add_argument("--srldm-options", default="", metavar="NAME=VALUE,...", help="SRLDM options, e.g. consistency=true")
     args = ap.parse_args()
@@ -63,7 +64,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     specs = {"ddrm": (args.pixel_prior, "pixel"), "srldm": (args.latent_prior, "latent")}
-    priors = {(m, mode): load_prior(spec, kind=kind).use_frozen_graphs(mode == "frozen")
+    priors = {(m, mode): load_prior(spec, kind=kind, dtype=args.dtype).use_frozen_graphs(mode == "frozen")
               for mode in modes for m, (spec, kind) in specs.items()}  # fmt: skip
     task = make_task("sr4", (3, args.size, args.size))
     gen = torch.Generator().manual_seed(0)
@@ -85,7 +86,7 @@ def main() -> None:
                 times[(key, s)].append(timed(lambda: run(key, s)))
     med = {k: statistics.median(v) for k, v in times.items()}
     per_step = {key: (med[(key, s2)] - med[(key, s1)]) / (s2 - s1) for key in priors}
-    print(f"sr4 {args.size}x{args.size}, {args.threads} thread(s), median of {args.repeats}; pixel {args.pixel_prior}, "
+    print(f"sr4 {args.size}x{args.size}, {args.dtype}, {args.threads} thread(s), median of {args.repeats}; pixel {args.pixel_prior}, "
           f"latent {args.latent_prior}; SRLDM options {options['srldm'] or 'none'}")
     for key in priors:
         print(f"  {key[0]:6s} {key[1]:6s} {s1} steps {med[(key, s1)]:7.3f} s   {s2} steps {med[(key, s2)]:7.3f} s   "

@@ -136,17 +136,18 @@ def test_restore_degrade_latent_methods(tmp_path, photo, ldm, method, task):
 
 @pytest.mark.parametrize("method,prior", [("ddrm", "adm"), ("srldm", "ldm")])
 def test_frozen_graphs_restore_the_same(tmp_path, photo, adm, ldm, method, prior, frozen_traces):
-    """``--frozen-graphs`` changes the speed, not the result (float rounding only; random-weight priors);
-    only with the flag is the UNet traced, once for the one input size."""
+    """``--frozen-graphs`` changes the speed, not the result (float rounding only; random-weight priors, fp32);
+    only with the flag is the UNet traced, once for the one input size — not a pixel UNet in fp32 on a CPU,
+    where the frozen graph is slower."""
     images, traced = [], []
     for flag in ([], ["--frozen-graphs"]):
         out = tmp_path / f"out{len(flag)}"
         assert main(["restore", str(photo), "--task", "noisy-sr4", "--method", method, "--prior",
                      {"adm": adm, "ldm": ldm}[prior], "--steps", "4", "--out", str(out), "--degrade",
-                     "--no-progress", *flag]) == 0
+                     "--no-progress", "--dtype", "fp32", *flag]) == 0
         images.append(read_image(out / f"photo_noisy-sr4_{method}.png"))
         traced.append(list(frozen_traces))
-    assert traced == [[], [("UNetSample", 2)]]
+    assert traced == [[], [] if prior == "adm" else [("UNetSample", 2)]]
     diff = (images[0] - images[1]).abs()
     assert diff.max() <= 2 / 255 and diff.mean() <= 1e-3
 

@@ -6,9 +6,16 @@
 Three nouns: operators (the degradation y = Hx + noise, with its SVD), priors (a diffusion network
 plus its schedule) and methods (functions restore(prior, operator, y, ...) -> x_hat). The names
 below are imported on first use, so ``import diffrestore`` (and the CLI's ``--help``) stays fast.
+
+Importing the package keeps freed memory in the C allocator's heap between network calls
+(``diffrestore.runtime``; ``DIFFRESTORE_MALLOC=system`` opts out).
 """
 
+from diffrestore import runtime as _runtime
+
 __version__ = "0.1.0"
+
+_runtime.tune_allocator()
 
 _LAZY = {
     "restore": "diffrestore.api",

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffrestore import io, resources
-from diffrestore.cli import CLIError, add_run_options, parse_adm_config
+from diffrestore import io, resources, runtime
+from diffrestore.cli import DTYPE_CHOICES, DTYPE_HELP, CLIError, add_run_options, parse_adm_config
 
 
 SUMMARY = "restore degraded images (or degrade clean ones with --degrade, then restore and score)"
@@ -58,7 +58,7 @@ def add_restore(sub) -> None:
         help="any other option of the method (repeatable; `diffrestore methods` lists them), "
         "e.g. --option consistency=true (srldm), --option rho=0.2 (ddrm-ldm), --option strategy=b (ddrm-srldm)",
     )
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     add_run_options(p)
     p.set_defaults(func=cmd_restore)
 
@@ -137,7 +137,8 @@ def cmd_restore(args) -> int:
     images = [(p, io.rgb_to_tensor(img)) for p, img in pictures]
     mask = io.rgb_to_tensor(mask_picture) if mask_picture is not None else None
     out = Path(args.out)
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype_name = runtime.pick_dtype(args.dtype, device)
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     with io.writing_into(out) as written:
         prior = load_prior(args.prior, device=str(device), dtype=dtype, adm_config=adm_config, frozen_graphs=args.frozen_graphs)
         kind = "latent" if hasattr(prior, "encode") else "pixel"
@@ -160,6 +161,7 @@ def cmd_restore(args) -> int:
             method_kwargs=method_kwargs,
             progress=not args.no_progress,
             adm_config=adm_config,
+            dtype=dtype_name,
         )
     for r in results:
         line = f"{r['input']}: {r['method']} {r['task']} in {r['seconds']:.1f}s"

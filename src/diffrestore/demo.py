@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffrestore import io, resources
+from diffrestore import io, resources, runtime
 from diffrestore.methods import METHODS, get_method
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
@@ -80,6 +80,7 @@ class DemoSpec:
     adm_config: dict | None = None  # ADM hyper-parameters for the pixel prior (--adm-config)
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "auto"  # network precision: auto, fp32, bf16, fp16 (runtime.pick_dtype)
     frozen_graphs: bool = False
     progress: bool = True
     max_pixels: int = resources.DEFAULT_MAX_PIXELS  # --size squared may not exceed it
@@ -181,11 +182,14 @@ def prepare(spec: DemoSpec) -> DemoPlan:
             kinds.remove(kind)
     if not kinds:
         raise DemoError("no method can run: " + "; ".join(sorted({f"{s['prior']}: {s['reason']}" for s in skipped})))
+    spec = replace(spec, dtype=runtime.pick_dtype(spec.dtype, spec.device))  # the summary records what ran
+    dtype = spec.dtype
     for kind in kinds:
         adm_config = spec.adm_config if kind == "pixel" else None
         priors[kind] = load_prior(
-            prior_specs[kind], device=spec.device, kind=kind, adm_config=adm_config, frozen_graphs=spec.frozen_graphs
-        )
+            prior_specs[kind], device=spec.device, dtype=None if dtype == "fp32" else dtype, kind=kind,
+            adm_config=adm_config, frozen_graphs=spec.frozen_graphs,
+        )  # fmt: skip
     methods = [m for m in methods if get_method(m).prior in priors]
     for m in methods:
         prior = priors[get_method(m).prior]
@@ -300,6 +304,7 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
             "priors": {k: v for k, v in plan.prior_specs.items() if k in plan.priors},
             **({"adm_config": spec.adm_config} if spec.adm_config is not None and "pixel" in plan.priors else {}),
             "device": str(spec.device),
+            "dtype": spec.dtype,
             "frozen_graphs": spec.frozen_graphs,
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),

@@ -261,13 +261,14 @@ def restore_file_inputs(
     method_kwargs: dict,
     progress: bool = True,
     adm_config: dict | None = None,
+    dtype: str | None = None,
 ) -> list[dict]:
     """Restore image files one by one and write PNGs + a JSON record per image into ``out``.
 
     ``images`` is a list of (path, tensor (3, H, W) in [-1, 1]). Every measurement is built before the
     first restoration, so an input the run cannot take stops it before any model runs. Every file
     written is appended to ``written`` so a caller can remove them if a later image fails.
-    ``adm_config`` (the prior's ``--adm-config``, if any) goes into the records.
+    ``adm_config`` (the prior's ``--adm-config``, if any) goes into the records. ``dtype`` (the network precision's name) goes into the records too.
     """
     from tqdm.auto import tqdm
 
@@ -308,6 +309,7 @@ def restore_file_inputs(
             "seconds": result.seconds,
             "device": str(device),
             **quality_record(result),
+            **({"dtype": dtype} if dtype is not None else {}),
         }
         stem, x_hat = path.stem, result.x_hat
         files = {f"{stem}_{task_name}_{method}.png": x_hat}

@@ -131,7 +131,7 @@ SIZE = 32
 GRID_ARGS = [
     "--seed", str(SEED), "--size", str(SIZE), "--tasks", "sr4,denoise", "--methods", "fake-pix,fake-lat",
     "--steps", "fake-pix:3,fake-lat:4", "--fig7-steps", "fake-lat:2,4", "--pixel-prior", "fake:pixel",
-    "--latent-prior", "fake:latent", "--device", "cpu", "--batch-size", "2", "--no-progress",
+    "--latent-prior", "fake:latent", "--device", "cpu", "--dtype", "fp32", "--batch-size", "2", "--no-progress",
 ]  # fmt: skip
 N_RECORDS = N_IMAGES * 7
 TIMING = ("seconds", "seconds_per_image")

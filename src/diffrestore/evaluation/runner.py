@@ -85,7 +85,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffrestore import io, resources
+from diffrestore import io, resources, runtime
 from diffrestore.evaluation.data import check_images, choose_subset, find_images, load_eval_image
 from diffrestore.evaluation.distributed import Dist, from_env, launched_by_torchrun, spawn
 from diffrestore.methods import check_options, get_method
@@ -101,7 +101,7 @@ FIGURE_IMAGES = 2
 FIG6_SNAPSHOTS = 8
 ALL_TASKS = ["sr4", "deblur", "denoise", "noisy-sr4"]
 DEFAULT_METHODS = ["srldm", "ddrm", "ddrm-srldm"]
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
 PRESETS = {
     # the report's full grid (Tables 1-4, Figures 4, 6, 7); the priors must be given
     "paper": dict(
@@ -111,6 +111,7 @@ PRESETS = {
         methods=DEFAULT_METHODS,
         steps={"*": 100},
         fig7_steps={"srldm": [5, 10, 20, 50, 100, 200], "ddrm": [10, 20, 50, 100]},
+        dtype="fp32",  # the report's numbers in full precision on every device
     ),
     # a small grid that finishes in minutes on a 2-core CPU with the embedded priors
     "quick": dict(
@@ -392,9 +393,10 @@ def prepare(spec: EvalSpec) -> Plan:
         raise EvalError("--data is required for a new run")
     data = Path(spec.data).expanduser().resolve() if spec.data is not None else Path(o_set["data"])
     device = resources.resolve_device(spec.device)
-    dtype = pick(spec.dtype, "dtype", "fp32")
+    dtype = pick(spec.dtype, "dtype", "auto")
     if dtype not in DTYPES:
         raise EvalError(f"--dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    dtype = runtime.pick_dtype(dtype, device)  # the run records the precision it ran in
     size = int(pick(spec.size, "size", 256))
     if size < 8:
         raise EvalError(f"--size must be at least 8, got {size}")

@@ -3,9 +3,10 @@
 Why: a small network spends a large share of each call outside its convolutions — Python dispatch in
 diffusers' forward, weight re-layout before every oneDNN convolution, separate element-wise kernels. A
 graph traced once, frozen (weights become constants) and passed through ``torch.jit.optimize_for_inference``
-(pre-packed oneDNN weights, fused conv + add/activation on CPU) removes some of that: 10-15% per call of
-the small latent UNets at 64x64 on one CPU thread, a few percent per restoration step of SRLDM and DDRM
-(``bench/latent_speed.py`` times eager and frozen networks side by side).
+(pre-packed oneDNN weights, fused conv + add/activation on CPU) removes some of that. On one CPU thread
+(``bench/latent_speed.py``, eager and frozen side by side) it pays off for the latent UNets (SRLDM per step
+0.9x the eager time in fp32, 0.55x in bf16) but not for a pixel UNet in fp32 (DDRM + ``pixel-s`` 1.3x
+slower; in bf16 a tie), so ``frozen_graphs_pay_off`` leaves that one eager.
 
 A graph is traced per input signature (shapes, dtypes, device), because diffusers' forward takes Python
 branches on shapes; the first call with a new signature traces it (about a second for the small priors)
@@ -19,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["FrozenGraphError", "FrozenGraphs", "FrozenUNetMixin", "UNetSample"]
+__all__ = ["FrozenGraphError", "FrozenGraphs", "FrozenUNetMixin", "UNetSample", "frozen_graphs_pay_off"]
 
 
 class FrozenGraphError(ValueError):
@@ -83,11 +84,26 @@ class FrozenUNetMixin:
     """For priors whose network is ``self.unet`` (a diffusers ``UNet2DModel``): eager or frozen calls."""
 
     _frozen_unet: FrozenGraphs | None = None
+    _channels_last = False
 
     def use_frozen_graphs(self, enabled: bool = True):
         """Run the UNet as frozen graphs from now on (or eagerly again); returns the prior."""
         self._frozen_unet = FrozenGraphs(UNetSample(self.unet)) if enabled else None
         return self
+
+    def use_channels_last(self, enabled: bool = True):
+        """Keep the UNet's weights and inputs in channels-last memory format (or the default one again), oneDNN's
+        own layout on a CPU, which saves its layout conversions in every convolution (``bench/network_formats.py``:
+        1.1-1.6x the network throughput of the built-in priors). Results differ by float rounding only."""
+        torch.nn.Module.to(self.unet, memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self._channels_last = bool(enabled)
+        if self._frozen_unet is not None:  # graphs hold the weights in the old layout: trace again
+            self.use_frozen_graphs()
+        return self
+
+    @property
+    def uses_channels_last(self) -> bool:
+        return self._channels_last
 
     @property
     def uses_frozen_graphs(self) -> bool:
@@ -95,7 +111,19 @@ class FrozenUNetMixin:
 
     def unet_sample(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet's output tensor for ``(x, t[, class_labels])``."""
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self._frozen_unet is None:
             return self.unet(x, t, class_labels=class_labels, return_dict=False)[0]
         args = (x, t) if class_labels is None else (x, t, class_labels)
         return self._frozen_unet(*args)
+
+
+def frozen_graphs_pay_off(prior) -> bool:
+    """Whether frozen graphs run ``prior`` faster than eager: latent priors always; a pixel prior not in float32
+    on a CPU, where its frozen graph is slower (its large convolutions gain nothing from pre-packing while
+    the graph loses PyTorch's eager oneDNN paths)."""
+    if hasattr(prior, "encode"):
+        return True
+    weight = next(prior.unet.parameters())
+    return not (weight.dtype == torch.float32 and weight.device.type == "cpu")

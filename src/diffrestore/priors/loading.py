@@ -19,16 +19,20 @@ the file and what was expected.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from diffusers import UNet2DModel
 
+from diffrestore.runtime import auto_dtype
+
 from . import adm as _adm
 from ._files import first_line, from_pretrained, load_checkpoint, read_json, resolve_dtype, tensor_state_dict
 from .base import LatentSRPrior, PixelPrior, PriorLoadError, scheduler_alphas_cumprod
 from .catalog import BUILTIN_PREFIX, builtin_dir, require_weights, resolve_spec
+from .frozen import frozen_graphs_pay_off
 from .latent import load_diffusers_latent_sr
 from .ldm import load_latent_sr
 from .pixel import UNetPixelPrior
@@ -46,6 +50,7 @@ def load_prior(
     kind: str | None = None,
     adm_config: Mapping[str, Any] | None = None,
     frozen_graphs: bool = False,
+    channels_last: bool | None = None,
 ) -> PixelPrior | LatentSRPrior:
     """Load a prior from a path or ``builtin:NAME``.
 
@@ -53,23 +58,33 @@ def load_prior(
         spec: path to an ADM ``.pt`` state dict, a diffusers UNet / pipeline folder, an LDM ``.ckpt`` or
             latent SR folder, or ``builtin:NAME``.
         device: where the network goes.
-        dtype: network compute dtype (``torch.float16``/``torch.bfloat16`` or "fp16"/"bf16"); eps is float32.
+        dtype: network compute dtype (``torch.float16``/``torch.bfloat16`` or "fp16"/"bf16"; "auto": bf16 where
+            ``device`` computes it natively, see ``diffrestore.runtime.auto_dtype``); eps is float32. The
+            default, None, keeps the stored float32 weights, so results match float32 references exactly.
         kind: ``"pixel"`` or ``"latent"`` to insist on one kind (a mismatch raises ``PriorLoadError``).
         adm_config: ADM hyper-parameters overriding what is inferred from an ADM checkpoint's weights
             (e.g. ``{"num_head_channels": 32}``; the CLI's ``--adm-config``).
         frozen_graphs: run the network as frozen TorchScript graphs (``priors.frozen``; the CLI's
-            ``--frozen-graphs``): faster for small networks on a CPU, traced once per input size.
+            ``--frozen-graphs``), traced once per input size, where that is faster (``frozen_graphs_pay_off``:
+            not a pixel prior in float32 on a CPU, which stays eager).
+        channels_last: keep the UNet in channels-last memory format (``use_channels_last``: faster on a CPU,
+            results differ by float rounding); None: as the environment variable ``DIFFRESTORE_CHANNELS_LAST=1``
+            says (how the CLI turns it on), else off.
     """
     if kind not in _KINDS:
         raise PriorLoadError(f"unknown prior kind {kind!r}; use 'pixel' or 'latent'")
     kind = _KINDS[kind]
+    if isinstance(dtype, str) and dtype.lower() == "auto":
+        dtype = None if auto_dtype(device) == "fp32" else auto_dtype(device)
     dtype = resolve_dtype(dtype)
     path = resolve_spec(spec)
     if not path.exists():
         raise PriorLoadError(f"{path}: no such file or folder")
     load = _load_folder if path.is_dir() else _load_file
     prior = load(path, device=device, dtype=dtype, kind=kind, adm_overrides=adm_config)
-    return prior.use_frozen_graphs() if frozen_graphs else prior
+    if channels_last if channels_last is not None else os.environ.get("DIFFRESTORE_CHANNELS_LAST", "") == "1":
+        prior.use_channels_last()
+    return prior.use_frozen_graphs() if frozen_graphs and frozen_graphs_pay_off(prior) else prior
 
 
 # --------------------------------------------------------------------------------------------------
