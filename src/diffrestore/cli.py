@@ -44,6 +44,30 @@ def _add_run_options(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_tile_options(p) -> None:
+    """``--tile`` and ``--overlap`` (restore, evaluate)."""
+    p.add_argument(
+        "--tile", type=int, default=None, metavar="N",
+        help="run the network on overlapping N-pixel tiles, blended, the grid shifting every step (memory bounded by "
+        "the tile; data consistency stays on the whole image); default: tiles of 512 only when the image would not "
+        "fit in memory; 0: never tile",
+    )  # fmt: skip
+    p.add_argument("--overlap", type=int, default=None, metavar="M", help="least overlap of neighbouring tiles in pixels (default 32)")
+
+
+def check_tile_options(args) -> None:
+    """``--tile``/``--overlap`` values, refused before anything is loaded. Raises CLIError."""
+    from diffrestore.priors.tiled import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling
+
+    if args.tile is not None and args.tile < 0:
+        raise CLIError(f"--tile must be 0 (off) or a number of pixels, got {args.tile}")
+    if args.tile != 0:
+        try:
+            check_tiling(args.tile or DEFAULT_TILE, DEFAULT_OVERLAP if args.overlap is None else args.overlap)
+        except ValueError as e:
+            raise CLIError(f"--tile/--overlap: {e}") from None
+
+
 def parse_adm_config(text: str | None) -> dict | None:
     """``--adm-config``: a JSON object, or the path of a file holding one. Raises CLIError (one line)."""
     if text is None:
@@ -119,6 +143,7 @@ def _add_restore(sub) -> None:
     )
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="network precision")
     _add_run_options(p)
+    _add_tile_options(p)
     p.set_defaults(func=cmd_restore)
 
 
@@ -130,6 +155,7 @@ def cmd_restore(args) -> int:
 
     info = get_method(args.method)
     adm_config = parse_adm_config(args.adm_config)
+    check_tile_options(args)
     method_kwargs = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start, "stop": args.stop, "samples": args.samples}
     unknown = [k for k, v in method_kwargs.items() if v is not None and k not in method_options(info.name)]
     if unknown:
@@ -175,6 +201,8 @@ def cmd_restore(args) -> int:
             method_kwargs=method_kwargs,
             progress=not args.no_progress,
             adm_config=adm_config,
+            tile=args.tile,
+            overlap=args.overlap,
         )
     for r in results:
         line = f"{r['input']}: {r['method']} {r['task']} in {r['seconds']:.1f}s"
@@ -270,12 +298,14 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--save-images", action="store_true", help="keep every restored image (default: the first few, for Figure 4)")
     p.add_argument("--nproc", type=int, default=1, help="shard over K local processes")
     _add_run_options(p)
+    _add_tile_options(p)
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args) -> int:
     from diffrestore.evaluation import runner
 
+    check_tile_options(args)
     spec = runner.EvalSpec(
         out=args.out,
         data=args.data,
@@ -300,6 +330,8 @@ def cmd_evaluate(args) -> int:
         nproc=args.nproc,
         progress=not args.no_progress,
         preset=args.preset,
+        tile=args.tile,
+        overlap=args.overlap,
     )
     run = runner.evaluate(spec)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -76,14 +76,29 @@ def run_method(
     seed: int,
     callback=None,
     samples: int = 1,
+    tile: int | None = None,
+    overlap: int | None = None,
+    on_tiles=None,
     **method_kwargs,
 ) -> MethodRun:
-    """Run a registered method on a batch of measurements (``samples`` draws each, averaged)."""
+    """Run a registered method on a batch of measurements (``samples`` draws each, averaged).
+
+    ``tile``/``overlap``: run the network on blended tiles of that many pixels (``priors.tiled``); None
+    tiles only when the image would not fit in memory (saying so on stderr), 0 never. ``on_tiles(n)`` is
+    called after every ``n`` network tiles (a progress bar's hook)."""
+    from diffrestore.priors.tiled import TiledPixelPrior, TiledLatentSRPrior, plan_tiling, say_once
+
     info = get_method(method)
     prior = priors.get(info.prior)
     if prior is None:
         raise ValueError(f"method {method!r} needs a {info.prior} prior; pass one with --prior")
     device = y.device
+    batch = y.shape[0] * (samples if type(samples) is int else 1)
+    prior, note = plan_tiling(prior, task.operator.in_shape[-2:], batch=batch, device=device, tile=tile, overlap=overlap)
+    if note:
+        say_once(note)
+    if isinstance(prior, (TiledPixelPrior, TiledLatentSRPrior)):
+        prior.on_tiles = on_tiles
     generator = make_generator(seed, device)
     extra = {k: v for k, v in method_kwargs.items() if v is not None}
     kwargs = dict(sigma_y=task.sigma_y, steps=steps or info.default_steps, generator=generator, callback=callback, **extra)
@@ -154,18 +169,21 @@ def restore_file_inputs(
     method_kwargs: dict,
     progress: bool = True,
     adm_config: dict | None = None,
+    tile: int | None = None,
+    overlap: int | None = None,
 ) -> list[dict]:
     """Restore image files one by one and write PNGs + a JSON record per image into ``out``.
 
     ``images`` is a list of (path, tensor (3, H, W) in [-1, 1]). Every file written is appended to
     ``written`` so a caller can remove them if a later image fails. ``adm_config`` (the prior's
-    ``--adm-config``, if any) goes into the records.
+    ``--adm-config``, if any) goes into the records. ``tile``/``overlap``: see ``run_method``.
     """
     from tqdm.auto import tqdm
 
     from diffrestore import io
     from diffrestore.evaluation.metrics import psnr, ssim
     from diffrestore.operators.tasks import make_task
+    from diffrestore.progress import RestorationProgress
 
     stems = [p.stem for p, _ in images]
     if len(set(stems)) != len(stems):
@@ -200,15 +218,12 @@ def restore_file_inputs(
                 y = y.mean(dim=1, keepdim=True)
             if tuple(y.shape[1:]) != tuple(task.operator.measurement_shape):
                 raise ValueError(f"{path}: measurement of shape {tuple(y.shape[1:])} does not fit task {task_name}")
-        step_bar = tqdm(total=steps or 0, desc=f"{path.name} {method}", unit="step", leave=False, disable=not progress)
-
-        def on_step(*_args, **_kwargs):
-            step_bar.update(1)
-
+        bar = RestorationProgress(f"{path.name} {method}", enabled=progress)
         x_hat, seconds, std = run_method(
-            method, {"pixel": prior, "latent": prior}, task, y, steps=steps, seed=image_seed(seed, image_id), callback=on_step, **method_kwargs
+            method, {"pixel": prior, "latent": prior}, task, y, steps=steps, seed=image_seed(seed, image_id),
+            callback=bar.step, on_tiles=bar.tiles, tile=tile, overlap=overlap, **method_kwargs,
         )
-        step_bar.close()
+        bar.close()
         raw, x_hat = x_hat, x_hat.clamp(-1, 1)
         stem = path.stem
         record = {

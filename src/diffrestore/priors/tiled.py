@@ -21,6 +21,7 @@ on tiles blended in the output's resolution). Everything else (schedule, sizes) 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Sequence
 
 import torch
@@ -178,9 +179,10 @@ class _TiledMixin:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "prior":
+            inner = self.__dict__.get("_modules", {}).get("prior")
+            if inner is None:
                 raise
-            return getattr(self._modules["prior"], name)
+            return getattr(inner, name)
 
     def _whole(self, grid: tuple[int, int]) -> bool:
         """One tile covers the grid: call the wrapped prior as it is."""
@@ -302,3 +304,71 @@ def activation_bytes_per_pixel(prior) -> float:
     fs = inner.first_stage
     fs_px = 7.0 * next(fs.parameters()).element_size() * _unet_sum(fs)
     return max(unet_px, fs_px)
+
+
+#: bytes per image pixel a method keeps for the whole image besides the network: its state, the
+#: prediction, spectral copies and draws (DDRM holds about a dozen float32 images at once)
+METHOD_BYTES_PER_PIXEL = 160
+_GB = 1024**3
+
+
+def estimate_peak_bytes(prior, image_hw: tuple[int, int], batch: int = 1, tile: int = 0) -> int:
+    """Estimated peak memory of restoring ``batch`` images of ``image_hw`` pixels: the method's
+    whole-image state plus one network call on the whole image (``tile`` 0) or on one tile."""
+    H, W = image_hw
+    net = H * W if not tile else min(tile, H) * min(tile, W)
+    return int(batch * (METHOD_BYTES_PER_PIXEL * H * W + activation_bytes_per_pixel(prior) * net))
+
+
+def memory_budget(device: torch.device | str) -> int:
+    """Bytes a restoration may use: 90% of the free memory of a CUDA device, 80% of the available RAM
+    (``MemAvailable``) otherwise; 8 GB when the system does not say."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(0.9 * free)
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        return int(0.8 * avail)
+    except (OSError, StopIteration, ValueError):
+        return 8 * _GB
+
+
+def plan_tiling(prior, image_hw: tuple[int, int], *, batch: int = 1, device="cpu", tile: int | None = None,
+                overlap: int | None = None, budget: int | None = None):  # fmt: skip
+    """The prior to restore with, and a one-line note when tiling was turned on automatically.
+
+    ``tile`` None: tile (``DEFAULT_TILE``) only when the untiled estimate exceeds the memory budget;
+    0: never tile; N: tiles of N pixels. Raises ``TileError`` when even one tile does not fit.
+    """
+    overlap = DEFAULT_OVERLAP if overlap is None else overlap
+    if tile == 0:
+        return prior, None
+    budget = memory_budget(device) if budget is None else int(budget)
+    H, W = image_hw
+    note = None
+    if tile is None:
+        need = estimate_peak_bytes(prior, image_hw, batch)
+        if need <= budget:
+            return prior, None
+        tile = DEFAULT_TILE
+        note = (f"{H}x{W} needs about {need / _GB:.1f} GB untiled, more than the {budget / _GB:.1f} GB available: "
+                f"running the network on {tile}-pixel tiles (--tile 0 turns tiling off)")  # fmt: skip
+    need = estimate_peak_bytes(prior, image_hw, batch, tile)
+    if need > budget:
+        raise TileError(f"{H}x{W} needs about {need / _GB:.1f} GB even with {tile}-pixel tiles, more than the "
+                        f"{budget / _GB:.1f} GB available: restore a smaller image or use smaller tiles")  # fmt: skip
+    per_tile = estimate_peak_bytes(prior, (tile, tile), batch) - METHOD_BYTES_PER_PIXEL * batch * tile * tile
+    tile_batch = 1 if torch.device(device).type == "cpu" else max(1, min(8, (budget - need) // max(per_tile, 1)))
+    return tiled_prior(prior, tile, overlap, batch=int(tile_batch)), note
+
+
+_SAID: set[str] = set()
+
+
+def say_once(note: str) -> None:
+    """Print ``note`` on stderr, once per process (an evaluation restores many images of one size)."""
+    if note not in _SAID:
+        _SAID.add(note)
+        print(f"diffrestore: {note}", file=sys.stderr)
