@@ -192,6 +192,7 @@ def restore(
         noise = x_T.to(device=device, dtype=dtype)
     init = (init + remaining * noise.reshape(B, D)) / sigma_T_d
     x = operator.V(init).reshape(img_shape).to(dtype)
+    del init, noise, remaining, inv_sing  # four whole-image tensors fewer alive through the loop
 
     # ---- per-step constants (no device syncs inside the loop) -------------------------------
     plan = []
