@@ -52,18 +52,19 @@ def _add_tile_options(p) -> None:
         "the tile; data consistency stays on the whole image); default: tiles of 512 only when the image would not "
         "fit in memory; 0: never tile",
     )  # fmt: skip
-    p.add_argument("--overlap", type=int, default=None, metavar="M", help="least overlap of neighbouring tiles in pixels (default 32)")
+    p.add_argument("--overlap", type=int, default=None, metavar="M", help="least overlap of neighbouring tiles in pixels (default 32, at most a quarter of the tile)")
 
 
 def check_tile_options(args) -> None:
     """``--tile``/``--overlap`` values, refused before anything is loaded. Raises CLIError."""
-    from diffrestore.priors.tiled import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling
+    from diffrestore.priors.tiled import DEFAULT_TILE, check_tiling, default_overlap
 
     if args.tile is not None and args.tile < 0:
         raise CLIError(f"--tile must be 0 (off) or a number of pixels, got {args.tile}")
     if args.tile != 0:
+        tile = args.tile or DEFAULT_TILE
         try:
-            check_tiling(args.tile or DEFAULT_TILE, DEFAULT_OVERLAP if args.overlap is None else args.overlap)
+            check_tiling(tile, default_overlap(tile) if args.overlap is None else args.overlap)
         except ValueError as e:
             raise CLIError(f"--tile/--overlap: {e}") from None
 

@@ -44,6 +44,11 @@ class TileError(ValueError):
     """Tile or overlap values a prior cannot use (the CLI reports them in one line)."""
 
 
+def default_overlap(tile: int) -> int:
+    """``DEFAULT_OVERLAP``, or a quarter of a tile too small for it."""
+    return min(DEFAULT_OVERLAP, tile // 4)
+
+
 def check_tiling(tile: int, overlap: int) -> None:
     """A tile of at least 1 pixel and an overlap in [0, tile / 2) (each tile ramps in and out)."""
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
@@ -342,7 +347,6 @@ def plan_tiling(prior, image_hw: tuple[int, int], *, batch: int = 1, device="cpu
     ``tile`` None: tile (``DEFAULT_TILE``) only when the untiled estimate exceeds the memory budget;
     0: never tile; N: tiles of N pixels. Raises ``TileError`` when even one tile does not fit.
     """
-    overlap = DEFAULT_OVERLAP if overlap is None else overlap
     if tile == 0:
         return prior, None
     budget = memory_budget(device) if budget is None else int(budget)
@@ -355,6 +359,8 @@ def plan_tiling(prior, image_hw: tuple[int, int], *, batch: int = 1, device="cpu
         tile = DEFAULT_TILE
         note = (f"{H}x{W} needs about {need / _GB:.1f} GB untiled, more than the {budget / _GB:.1f} GB available: "
                 f"running the network on {tile}-pixel tiles (--tile 0 turns tiling off)")  # fmt: skip
+    overlap = default_overlap(tile) if overlap is None else overlap
+    check_tiling(tile, overlap)
     need = estimate_peak_bytes(prior, image_hw, batch, tile)
     if need > budget:
         raise TileError(f"{H}x{W} needs about {need / _GB:.1f} GB even with {tile}-pixel tiles, more than the "
