@@ -168,7 +168,7 @@ def restore(
     U_t_y = operator.Ut(y).reshape(B, m).to(dtype)
     # ybar / s on observed rows (0 elsewhere, instead of the official inf/nan that is never read)
     Sig_inv_U_t_y = torch.where(observed & (s > 0), U_t_y / torch.where(s > 0, s, torch.ones_like(s)), 0.0)
-    y_term_B = Sig_inv_U_t_y * eta_b
+    y_term_B = Sig_inv_U_t_y.mul_(eta_b)  # in place: one image-sized vector fewer
 
     def to_dev_index(mask: torch.Tensor) -> torch.Tensor:
         return mask.nonzero().reshape(-1).to(device)
@@ -192,41 +192,44 @@ def restore(
         noise = x_T.to(device=device, dtype=dtype)
     init = (init + remaining * noise.reshape(B, D)) / sigma_T_d
     x = operator.V(init).reshape(img_shape).to(dtype)
-    del init, noise, remaining, inv_sing  # four whole-image tensors fewer alive through the loop
+    del init, noise, remaining, inv_sing, large, large_cpu  # whole-image temporaries not kept through the loop
 
-    # ---- per-step constants (no device syncs inside the loop) -------------------------------
-    plan = []
-    for t, t_next in zip(reversed(seq), reversed(seq_next)):
-        a_t, a_next = alpha_bar(ac, t), alpha_bar(ac, t_next)
-        sigma_next = _sigma(a_next)
-        before = (s_cpu * sigma_next > sigma_0) & observed_cpu
-        after = (s_cpu * sigma_next < sigma_0) & observed_cpu
-        std_C = sigma_next * eta
-        std_A = sigma_next * eta
-        ib = before.nonzero().reshape(-1)
-        diff_B = torch.sqrt(sigma_next**2 - sigma_0**2 / s_cpu[ib] ** 2 * (eta_b**2))
-        plan.append(
-            dict(
-                t=t,
-                t_tensor=torch.full((B,), float(t), device=device, dtype=torch.float32),
-                sqrt_a=float(a_t.sqrt()),
-                sqrt_1ma=float((1 - a_t).sqrt()),
-                sqrt_a_next=float(a_next.sqrt()),
-                std_C=float(std_C),
-                tilde_C=float(torch.sqrt(sigma_next**2 - std_C**2)),
-                std_A=float(std_A),
-                tilde_A=float(torch.sqrt(sigma_next**2 - std_A**2)),
-                ia=to_dev_index(after),
-                n_after=int(after.sum()),
-                s_after=s_cpu[after].to(device=device, dtype=dtype),
-                ib=ib.to(device),
-                n_before=int(ib.numel()),
-                diff_B=diff_B.to(device=device, dtype=dtype),
+    # ---- per-step constants (CPU masks and indices, one step at a time) ----------------------
+    def step_plans():
+        """Per-step constants, made one step ahead of its use: their index tensors are as long as the
+        image for denoising, so a list of all of them would grow with steps x pixels."""
+        for t, t_next in zip(reversed(seq), reversed(seq_next)):
+            a_t, a_next = alpha_bar(ac, t), alpha_bar(ac, t_next)
+            sigma_next = _sigma(a_next)
+            before = (s_cpu * sigma_next > sigma_0) & observed_cpu
+            after = (s_cpu * sigma_next < sigma_0) & observed_cpu
+            std_C = sigma_next * eta
+            std_A = sigma_next * eta
+            ib = before.nonzero().reshape(-1)
+            diff_B = torch.sqrt(sigma_next**2 - sigma_0**2 / s_cpu[ib] ** 2 * (eta_b**2))
+            yield (
+                dict(
+                    t=t,
+                    t_tensor=torch.full((B,), float(t), device=device, dtype=torch.float32),
+                    sqrt_a=float(a_t.sqrt()),
+                    sqrt_1ma=float((1 - a_t).sqrt()),
+                    sqrt_a_next=float(a_next.sqrt()),
+                    std_C=float(std_C),
+                    tilde_C=float(torch.sqrt(sigma_next**2 - std_C**2)),
+                    std_A=float(std_A),
+                    tilde_A=float(torch.sqrt(sigma_next**2 - std_A**2)),
+                    ia=to_dev_index(after),
+                    n_after=int(after.sum()),
+                    s_after=s_cpu[after].to(device=device, dtype=dtype),
+                    ib=ib.to(device),
+                    n_before=int(ib.numel()),
+                    diff_B=diff_B.to(device=device, dtype=dtype),
+                )
             )
-        )
 
     # ---- sampling loop -------------------------------------------------------------------------
-    for k, p in enumerate(plan):
+    n_steps = len(seq)
+    for k, p in enumerate(step_plans()):
         et = prior.eps(x, p["t_tensor"])
         if et.shape[1] == 2 * C:  # learned-sigma output: keep the epsilon channels
             et = et[:, :C]
@@ -255,7 +258,7 @@ def restore(
 
         x_next = operator.V(nxt).reshape(img_shape).to(dtype).mul_(p["sqrt_a_next"])
         if callback is not None:
-            callback(StepInfo(i=k, steps=len(plan), t=p["t"], x_t=x, x0=x0))
+            callback(StepInfo(i=k, steps=n_steps, t=p["t"], x_t=x, x0=x0))
         x = x_next
     if consistency:
         return spectral_consistency(operator, x, y, sigma_0, rho)
