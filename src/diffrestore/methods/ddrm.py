@@ -80,6 +80,30 @@ def check_values(*, eta: float, eta_b: float, rho: float = CONSISTENCY_RHO, **_)
     check_rho(rho)
 
 
+class _Rows:
+    """Spectral rows picked by a mask: a prefix ``[0, n)`` is kept as a slice (an index tensor for it
+    would be int64 and as long as the image when denoising a photo), anything else as an index."""
+
+    def __init__(self, mask_cpu: torch.Tensor, device):
+        self.n = int(mask_cpu.sum())
+        self.prefix = bool(mask_cpu[: self.n].all())
+        self.index = None if self.prefix else mask_cpu.nonzero().reshape(-1).to(device)
+
+    def view(self, v: torch.Tensor) -> torch.Tensor:
+        """The rows of (B, N) ``v``, to read."""
+        return v[:, : self.n] if self.prefix else v.index_select(1, self.index)
+
+    def take(self, v: torch.Tensor) -> torch.Tensor:
+        """The rows of ``v`` as a new tensor, to modify."""
+        return v[:, : self.n].clone() if self.prefix else v.index_select(1, self.index)
+
+    def put(self, out: torch.Tensor, v: torch.Tensor) -> None:
+        if self.prefix:
+            out[:, : self.n] = v
+        else:
+            out.index_copy_(1, self.index, v)
+
+
 def _sigma(a: torch.Tensor) -> torch.Tensor:
     """Noise level of x_t / sqrt(a): sqrt(1 - a) / sqrt(a), float32 as in the official code."""
     return (1 - a).sqrt() / a.sqrt()
@@ -205,8 +229,8 @@ def restore(
             after = (s_cpu * sigma_next < sigma_0) & observed_cpu
             std_C = sigma_next * eta
             std_A = sigma_next * eta
-            ib = before.nonzero().reshape(-1)
-            diff_B = torch.sqrt(sigma_next**2 - sigma_0**2 / s_cpu[ib] ** 2 * (eta_b**2))
+            rows_b, rows_a = _Rows(before, device), _Rows(after, device)
+            diff_B = torch.sqrt(sigma_next**2 - sigma_0**2 / s_cpu[before] ** 2 * (eta_b**2))
             yield (
                 dict(
                     t=t,
@@ -218,11 +242,11 @@ def restore(
                     tilde_C=float(torch.sqrt(sigma_next**2 - std_C**2)),
                     std_A=float(std_A),
                     tilde_A=float(torch.sqrt(sigma_next**2 - std_A**2)),
-                    ia=to_dev_index(after),
-                    n_after=int(after.sum()),
-                    s_after=s_cpu[after].to(device=device, dtype=dtype),
-                    ib=ib.to(device),
-                    n_before=int(ib.numel()),
+                    rows_a=rows_a,
+                    n_after=rows_a.n,
+                    s_after=rows_a.view(s_cpu[None])[0].to(device=device, dtype=dtype),
+                    rows_b=rows_b,
+                    n_before=rows_b.n,
                     diff_B=diff_B.to(device=device, dtype=dtype),
                 )
             )
@@ -245,16 +269,16 @@ def restore(
 
         # unobserved rows (every row first; observed ones are overwritten below)
         nxt = torch.add(v_x0, v_et, alpha=p["tilde_C"]).add_(z_C, alpha=p["std_C"])
-        ia, ib = p["ia"], p["ib"]
+        ra, rb = p["rows_a"], p["rows_b"]
         if p["n_after"]:  # less noisy than y
-            vx_a = v_x0.index_select(1, ia)
-            resid = (U_t_y.index_select(1, ia) - vx_a * p["s_after"]).div_(sigma_0)
-            nxt.index_copy_(1, ia, vx_a.add_(resid, alpha=p["tilde_A"]).add_(z_A, alpha=p["std_A"]))
+            vx_a = ra.take(v_x0)
+            resid = (ra.view(U_t_y) - vx_a * p["s_after"]).div_(sigma_0)
+            ra.put(nxt, vx_a.add_(resid, alpha=p["tilde_A"]).add_(z_A, alpha=p["std_A"]))
         if p["n_before"]:  # noisier than y
-            val = y_term_B.index_select(1, ib)
+            val = rb.take(y_term_B)
             if eta_b != 1.0:
-                val.add_(v_x0.index_select(1, ib), alpha=1 - eta_b)
-            nxt.index_copy_(1, ib, val.addcmul_(p["diff_B"], z_B.index_select(1, ib)))
+                val.add_(rb.view(v_x0), alpha=1 - eta_b)
+            rb.put(nxt, val.addcmul_(p["diff_B"], rb.view(z_B)))
 
         x_next = operator.V(nxt).reshape(img_shape).to(dtype).mul_(p["sqrt_a_next"])
         if callback is not None:
