@@ -143,6 +143,7 @@ def test_tiled_eps_of_a_pointwise_prior_is_exact_for_any_grid():
     TiledPixelPrior(prior, 64, 16, batch=2).eps(x, t)  # starts 0, 8 down; 0, 48, 72 across: 6 tiles
     assert prior.shapes == [(4, 3, 64, 64)] * 3  # 2 tiles x 2 images per call
     assert TiledPixelPrior(prior, 70, 8).tile_cells == 64  # rounded down to multiple_of
+    assert TiledPixelPrior(prior, 70, 34).overlap_cells == 31  # and the overlap kept under half of it
     assert TiledPixelPrior(prior, 256).num_timesteps == prior.num_timesteps
     assert TiledPixelPrior(prior, 256).alphas_cumprod is not None
 

@@ -29,8 +29,9 @@ import torch
 from .base import LatentSRPrior, PixelPrior
 
 __all__ = [
-    "DEFAULT_OVERLAP", "DEFAULT_TILE", "TiledLatentSRPrior", "TiledPixelPrior", "activation_bytes_per_pixel",
-    "blend_window", "run_tiled", "tile_starts", "tiled_prior",
+    "DEFAULT_OVERLAP", "DEFAULT_TILE", "TileError", "TiledLatentSRPrior", "TiledPixelPrior",
+    "activation_bytes_per_pixel", "blend_window", "estimate_peak_bytes", "memory_budget", "plan_tiling",
+    "run_tiled", "tile_starts", "tiled_prior",
 ]
 
 #: default tile side and overlap in image pixels (docs/results/2026-12-03-tiling.md)
@@ -175,7 +176,8 @@ class _TiledMixin:
         self.multiple_of = prior.multiple_of
         # in the network's own cells: tiles must be multiples of its downsampling
         self.tile_cells = tile // cell * prior.multiple_of
-        self.overlap_cells = overlap // unit
+        # rounding the tile down may leave an overlap of half of it or more: ramps must not cross
+        self.overlap_cells = min(overlap // unit, (self.tile_cells - 1) // 2)
         self.tile, self.overlap, self.batch, self.shift = tile, overlap, batch, shift
         #: ``on_tiles(n)`` after every batch of ``n`` network tiles (a progress bar's hook)
         self.on_tiles: Callable[[int], None] | None = None
