@@ -63,6 +63,31 @@ def add_run_options(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def add_tile_options(p) -> None:
+    """``--tile`` and ``--overlap`` (restore, evaluate)."""
+    p.add_argument(
+        "--tile", type=int, default=None, metavar="N",
+        help="run the network on overlapping N-pixel tiles, blended, the grid shifting every step (memory bounded by "
+        "the tile; data consistency stays on the whole image); default: tiles of 512 only when the image would not "
+        "fit in memory; 0: never tile",
+    )  # fmt: skip
+    p.add_argument("--overlap", type=int, default=None, metavar="M", help="least overlap of neighbouring tiles in pixels (default 32, at most a quarter of the tile)")
+
+
+def check_tile_options(args) -> None:
+    """``--tile``/``--overlap`` values, refused before anything is loaded. Raises CLIError."""
+    from diffrestore.priors.tiled import DEFAULT_TILE, check_tiling, default_overlap
+
+    if args.tile is not None and args.tile < 0:
+        raise CLIError(f"--tile must be 0 (off) or a number of pixels, got {args.tile}")
+    if args.tile != 0:
+        tile = args.tile or DEFAULT_TILE
+        try:
+            check_tiling(tile, default_overlap(tile) if args.overlap is None else args.overlap)
+        except ValueError as e:
+            raise CLIError(f"--tile/--overlap: {e}") from None
+
+
 def parse_adm_config(text: str | None) -> dict | None:
     """``--adm-config``: a JSON object, or the path of a file holding one. Raises CLIError (one line)."""
     if text is None:
@@ -178,12 +203,14 @@ def _add_evaluate(sub) -> None:
         "and the tables; without it such an image stops the command before anything is written",
     )
     add_run_options(p)
+    add_tile_options(p)
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args) -> int:
     from diffrestore.evaluation import runner
 
+    check_tile_options(args)
     spec = runner.EvalSpec(
         out=args.out,
         data=args.data,
@@ -211,6 +238,8 @@ def cmd_evaluate(args) -> int:
         max_pixels=args.max_pixels,
         max_memory=args.max_memory,
         skip_bad=args.skip_bad,
+        tile=args.tile,
+        overlap=args.overlap,
     )
     run = runner.evaluate(spec)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffrestore import io, resources, runtime
-from diffrestore.cli import DTYPE_CHOICES, DTYPE_HELP, CLIError, add_run_options, parse_adm_config
+from diffrestore.cli import (
+    DTYPE_CHOICES, DTYPE_HELP, CLIError, add_run_options, add_tile_options, check_tile_options, parse_adm_config,
+)
 
 
 SUMMARY = "restore degraded images (or degrade clean ones with --degrade, then restore and score)"
@@ -60,6 +62,7 @@ def add_restore(sub) -> None:
     )
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     add_run_options(p)
+    add_tile_options(p)
     p.set_defaults(func=cmd_restore)
 
 
@@ -115,6 +118,7 @@ def cmd_restore(args) -> int:
     device = resources.resolve_device(args.device)
     info = get_method(args.method)
     adm_config = parse_adm_config(args.adm_config)
+    check_tile_options(args)
     method_kwargs = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start, "stop": args.stop, "samples": args.samples}
     unknown = [k for k, v in method_kwargs.items() if v is not None and k not in method_options(info.name)]
     if unknown:
@@ -162,6 +166,8 @@ def cmd_restore(args) -> int:
             progress=not args.no_progress,
             adm_config=adm_config,
             dtype=dtype_name,
+            tile=args.tile,
+            overlap=args.overlap,
         )
     for r in results:
         line = f"{r['input']}: {r['method']} {r['task']} in {r['seconds']:.1f}s"

@@ -93,14 +93,29 @@ def run_method(
     seed: int,
     callback=None,
     samples: int = 1,
+    tile: int | None = None,
+    overlap: int | None = None,
+    on_tiles=None,
     **method_kwargs,
 ) -> MethodRun:
-    """Run a registered method on a batch of measurements (``samples`` draws each, averaged)."""
+    """Run a registered method on a batch of measurements (``samples`` draws each, averaged).
+
+    ``tile``/``overlap``: run the network on blended tiles of that many pixels (``priors.tiled``); None
+    tiles only when the image would not fit in memory (saying so on stderr), 0 never. ``on_tiles(n)`` is
+    called after every ``n`` network tiles (a progress bar's hook)."""
+    from diffrestore.priors.tiled import TiledPixelPrior, TiledLatentSRPrior, plan_tiling, say_once
+
     info = get_method(method)
     prior = priors.get(info.prior)
     if prior is None:
         raise ValueError(f"method {method!r} needs a {info.prior} prior; pass one with --prior")
     device = y.device
+    batch = y.shape[0] * (samples if type(samples) is int else 1)
+    prior, note = plan_tiling(prior, task.operator.in_shape[-2:], batch=batch, device=device, tile=tile, overlap=overlap)
+    if note:
+        say_once(note)
+    if isinstance(prior, (TiledPixelPrior, TiledLatentSRPrior)):
+        prior.on_tiles = on_tiles
     generator = make_generator(seed, device)
     extra = {k: v for k, v in method_kwargs.items() if v is not None}
     kwargs = dict(sigma_y=task.sigma_y, steps=resolve_steps(method, steps, prior), generator=generator, callback=callback, **extra)
@@ -205,13 +220,15 @@ class ImageResult(NamedTuple):
 
 
 def restore_measurement(m: Measurement, *, method: str, prior, steps: int | None, seed: int, image_id: str,
-                        callback=None, method_kwargs: dict | None = None) -> ImageResult:
+                        callback=None, method_kwargs: dict | None = None, tile: int | None = None,
+                        overlap: int | None = None, on_tiles=None) -> ImageResult:
     """Run ``method`` on one prepared measurement, seeded from (``seed``, ``image_id``): the one
-    per-image path of ``restore``, the Python API and the app."""
+    per-image path of ``restore``, the Python API and the app. ``tile`` / ``overlap`` / ``on_tiles``:
+    see ``run_method``."""
     steps = resolve_steps(method, steps, prior)
     raw, seconds, std = run_method(
         method, {"pixel": prior, "latent": prior}, m.task, m.y, steps=steps, seed=image_seed(seed, image_id),
-        callback=callback, **(method_kwargs or {}),
+        callback=callback, tile=tile, overlap=overlap, on_tiles=on_tiles, **(method_kwargs or {}),
     )  # fmt: skip
     return ImageResult(raw.clamp(-1, 1), raw, std, m.x, m.y, m.task, m.note, seconds, steps)
 
@@ -262,17 +279,21 @@ def restore_file_inputs(
     progress: bool = True,
     adm_config: dict | None = None,
     dtype: str | None = None,
+    tile: int | None = None,
+    overlap: int | None = None,
 ) -> list[dict]:
     """Restore image files one by one and write PNGs + a JSON record per image into ``out``.
 
     ``images`` is a list of (path, tensor (3, H, W) in [-1, 1]). Every measurement is built before the
     first restoration, so an input the run cannot take stops it before any model runs. Every file
     written is appended to ``written`` so a caller can remove them if a later image fails.
-    ``adm_config`` (the prior's ``--adm-config``, if any) goes into the records. ``dtype`` (the network precision's name) goes into the records too.
+    ``adm_config`` (the prior's ``--adm-config``, if any) and ``dtype`` (the network precision's name)
+    go into the records; ``tile`` / ``overlap``: see ``run_method``.
     """
     from tqdm.auto import tqdm
 
     from diffrestore import io
+    from diffrestore.progress import RestorationProgress
 
     stems = [p.stem for p, _ in images]
     if len(set(stems)) != len(stems):
@@ -288,9 +309,10 @@ def restore_file_inputs(
     records = []
     bar = tqdm(inputs, desc="images", unit="img", disable=not progress or len(images) == 1)
     for path, m in bar:
-        step_bar = tqdm(total=steps, desc=f"{path.name} {method}", unit="step", leave=False, disable=not progress)
+        step_bar = RestorationProgress(f"{path.name} {method}", enabled=progress)
         result = restore_measurement(m, method=method, prior=prior, steps=steps, seed=seed, image_id=path.name,
-                                     callback=lambda *_a, **_k: step_bar.update(1), method_kwargs=method_kwargs)
+                                     callback=step_bar.step, method_kwargs=method_kwargs,
+                                     tile=tile, overlap=overlap, on_tiles=step_bar.tiles)
         step_bar.close()
         record = {
             "input": str(path),

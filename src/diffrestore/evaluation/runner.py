@@ -245,6 +245,8 @@ class EvalSpec:
     max_pixels: int = resources.DEFAULT_MAX_PIXELS  # larger images are refused (read from the header)
     max_memory: str | None = None  # the memory budget (e.g. "8G"); None: a share of what is available
     skip_bad: bool = False  # leave unusable images out (recorded in skipped.json) instead of refusing
+    tile: int | None = None  # None: as the run recorded (default: tile only what does not fit in memory)
+    overlap: int | None = None
 
 
 def parse_list(text: str | None, what: str) -> list[str] | None:
@@ -433,6 +435,10 @@ def prepare(spec: EvalSpec) -> Plan:
         settings["adm_config"] = adm_config
     if pick(spec.frozen_graphs, "frozen_graphs", False):  # recorded only when on, like adm_config
         settings["frozen_graphs"] = True
+    for key in ("tile", "overlap"):  # recorded only when given, like adm_config
+        value = pick(getattr(spec, key), key, None)
+        if value is not None:
+            settings[key] = value
     diffs = []
     if old:
         o_set.setdefault("first", False)  # runs recorded before --first existed used a random subset
@@ -885,7 +891,7 @@ def run_records(plan: Plan, dist: Dist, res: _Resources) -> int:
                     priors = res.priors_for(method, task_name)
                     x_hat, seconds, std = run_method(
                         method, priors, task, y, steps=steps, seed=image_seed(seed, image_id), callback=callback,
-                        **grid.get("options", {}).get(method, {}),
+                        tile=settings.get("tile"), overlap=settings.get("overlap"), **grid.get("options", {}).get(method, {}),
                     )
                 x_hat = x_hat.detach().float().clamp(-1, 1).to(xd.device)
                 record = {"task": task_name, "method": method, "steps": steps, "image_id": image_id, "index": i}
@@ -945,7 +951,7 @@ def measure_throughput(plan: Plan, res: _Resources) -> int:
             ys[task_name] = torch.cat([res.measure(task_name, x, f) for x, f in zip(clean, batch)])
         seed = image_seed(settings["seed"], "#throughput")
         task = res.task(task_name)
-        options = grid.get("options", {}).get(method, {})
+        options = {**grid.get("options", {}).get(method, {}), "tile": settings.get("tile"), "overlap": settings.get("overlap")}
         run_method(method, priors, task, ys[task_name], steps=min(steps, 2), seed=seed, **options)  # warm-up
         seconds = run_method(method, priors, task, ys[task_name], steps=steps, seed=seed, **options).seconds
         append_line(

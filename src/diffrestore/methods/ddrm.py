@@ -81,6 +81,30 @@ def check_values(*, eta: float, eta_b: float, rho: float = CONSISTENCY_RHO, **_)
     check_rho(rho)
 
 
+class _Rows:
+    """Spectral rows picked by a mask: a prefix ``[0, n)`` is kept as a slice (an index tensor for it
+    would be int64 and as long as the image when denoising a photo), anything else as an index."""
+
+    def __init__(self, mask_cpu: torch.Tensor, device):
+        self.n = int(mask_cpu.sum())
+        self.prefix = bool(mask_cpu[: self.n].all())
+        self.index = None if self.prefix else mask_cpu.nonzero().reshape(-1).to(device)
+
+    def view(self, v: torch.Tensor) -> torch.Tensor:
+        """The rows of (B, N) ``v``, to read."""
+        return v[:, : self.n] if self.prefix else v.index_select(1, self.index)
+
+    def take(self, v: torch.Tensor) -> torch.Tensor:
+        """The rows of ``v`` as a new tensor, to modify."""
+        return v[:, : self.n].clone() if self.prefix else v.index_select(1, self.index)
+
+    def put(self, out: torch.Tensor, v: torch.Tensor) -> None:
+        if self.prefix:
+            out[:, : self.n] = v
+        else:
+            out.index_copy_(1, self.index, v)
+
+
 def _sigma(a: torch.Tensor) -> torch.Tensor:
     """Noise level of x_t / sqrt(a): sqrt(1 - a) / sqrt(a), float32 as in the official code."""
     return (1 - a).sqrt() / a.sqrt()
@@ -157,7 +181,7 @@ def restore(
     U_t_y = operator.Ut(y).reshape(B, m).to(dtype)
     # ybar / s on observed rows (0 elsewhere, instead of the official inf/nan that is never read)
     Sig_inv_U_t_y = torch.where(observed & (s > 0), U_t_y / torch.where(s > 0, s, torch.ones_like(s)), 0.0)
-    y_term_B = Sig_inv_U_t_y * eta_b
+    y_term_B = Sig_inv_U_t_y.mul_(eta_b)  # in place: one image-sized vector fewer
 
     def to_dev_index(mask: torch.Tensor) -> torch.Tensor:
         return mask.nonzero().reshape(-1).to(device)
@@ -181,40 +205,44 @@ def restore(
         noise = x_T.to(device=device, dtype=dtype)
     init = (init + remaining * noise.reshape(B, D)) / sigma_T_d
     x = operator.V(init).reshape(img_shape).to(dtype)
+    del init, noise, remaining, inv_sing, large, large_cpu  # whole-image temporaries not kept through the loop
 
-    # ---- per-step constants (no device syncs inside the loop) -------------------------------
-    plan = []
-    for t, t_next in zip(reversed(seq), reversed(seq_next)):
-        a_t, a_next = alpha_bar(ac, t), alpha_bar(ac, t_next)
-        sigma_next = _sigma(a_next)
-        before = (s_cpu * sigma_next > sigma_0) & observed_cpu
-        after = (s_cpu * sigma_next < sigma_0) & observed_cpu
-        std_C = sigma_next * eta
-        std_A = sigma_next * eta
-        ib = before.nonzero().reshape(-1)
-        diff_B = torch.sqrt(sigma_next**2 - sigma_0**2 / s_cpu[ib] ** 2 * (eta_b**2))
-        plan.append(
-            dict(
-                t=t,
-                t_tensor=torch.full((B,), float(t), device=device, dtype=torch.float32),
-                sqrt_a=float(a_t.sqrt()),
-                sqrt_1ma=float((1 - a_t).sqrt()),
-                sqrt_a_next=float(a_next.sqrt()),
-                std_C=float(std_C),
-                tilde_C=float(torch.sqrt(sigma_next**2 - std_C**2)),
-                std_A=float(std_A),
-                tilde_A=float(torch.sqrt(sigma_next**2 - std_A**2)),
-                ia=to_dev_index(after),
-                n_after=int(after.sum()),
-                s_after=s_cpu[after].to(device=device, dtype=dtype),
-                ib=ib.to(device),
-                n_before=int(ib.numel()),
-                diff_B=diff_B.to(device=device, dtype=dtype),
+    # ---- per-step constants (CPU masks and indices, one step at a time) ----------------------
+    def step_plans():
+        """Per-step constants, made one step ahead of its use: their index tensors are as long as the
+        image for denoising, so a list of all of them would grow with steps x pixels."""
+        for t, t_next in zip(reversed(seq), reversed(seq_next)):
+            a_t, a_next = alpha_bar(ac, t), alpha_bar(ac, t_next)
+            sigma_next = _sigma(a_next)
+            before = (s_cpu * sigma_next > sigma_0) & observed_cpu
+            after = (s_cpu * sigma_next < sigma_0) & observed_cpu
+            std_C = sigma_next * eta
+            std_A = sigma_next * eta
+            rows_b, rows_a = _Rows(before, device), _Rows(after, device)
+            diff_B = torch.sqrt(sigma_next**2 - sigma_0**2 / s_cpu[before] ** 2 * (eta_b**2))
+            yield (
+                dict(
+                    t=t,
+                    t_tensor=torch.full((B,), float(t), device=device, dtype=torch.float32),
+                    sqrt_a=float(a_t.sqrt()),
+                    sqrt_1ma=float((1 - a_t).sqrt()),
+                    sqrt_a_next=float(a_next.sqrt()),
+                    std_C=float(std_C),
+                    tilde_C=float(torch.sqrt(sigma_next**2 - std_C**2)),
+                    std_A=float(std_A),
+                    tilde_A=float(torch.sqrt(sigma_next**2 - std_A**2)),
+                    rows_a=rows_a,
+                    n_after=rows_a.n,
+                    s_after=rows_a.view(s_cpu[None])[0].to(device=device, dtype=dtype),
+                    rows_b=rows_b,
+                    n_before=rows_b.n,
+                    diff_B=diff_B.to(device=device, dtype=dtype),
+                )
             )
-        )
 
     # ---- sampling loop -------------------------------------------------------------------------
-    for k, p in enumerate(plan):
+    n_steps = len(seq)
+    for k, p in enumerate(step_plans()):
         et = prior.eps(x, p["t_tensor"])
         if et.shape[1] == 2 * C:  # learned-sigma output: keep the epsilon channels
             et = et[:, :C]
@@ -230,20 +258,20 @@ def restore(
 
         # unobserved rows (every row first; observed ones are overwritten below)
         nxt = torch.add(v_x0, v_et, alpha=p["tilde_C"]).add_(z_C, alpha=p["std_C"])
-        ia, ib = p["ia"], p["ib"]
+        ra, rb = p["rows_a"], p["rows_b"]
         if p["n_after"]:  # less noisy than y
-            vx_a = v_x0.index_select(1, ia)
-            resid = (U_t_y.index_select(1, ia) - vx_a * p["s_after"]).div_(sigma_0)
-            nxt.index_copy_(1, ia, vx_a.add_(resid, alpha=p["tilde_A"]).add_(z_A, alpha=p["std_A"]))
+            vx_a = ra.take(v_x0)
+            resid = (ra.view(U_t_y) - vx_a * p["s_after"]).div_(sigma_0)
+            ra.put(nxt, vx_a.add_(resid, alpha=p["tilde_A"]).add_(z_A, alpha=p["std_A"]))
         if p["n_before"]:  # noisier than y
-            val = y_term_B.index_select(1, ib)
+            val = rb.take(y_term_B)
             if eta_b != 1.0:
-                val.add_(v_x0.index_select(1, ib), alpha=1 - eta_b)
-            nxt.index_copy_(1, ib, val.addcmul_(p["diff_B"], z_B.index_select(1, ib)))
+                val.add_(rb.view(v_x0), alpha=1 - eta_b)
+            rb.put(nxt, val.addcmul_(p["diff_B"], rb.view(z_B)))
 
         x_next = operator.V(nxt).reshape(img_shape).to(dtype).mul_(p["sqrt_a_next"])
         if callback is not None:
-            callback(StepInfo(i=k, steps=len(plan), t=p["t"], x_t=x, x0=x0))
+            callback(StepInfo(i=k, steps=n_steps, t=p["t"], x_t=x, x0=x0))
         x = x_next
     if consistency:
         return spectral_consistency(operator, x, y, sigma_0, rho)

@@ -12,9 +12,32 @@ way); then the unobserved coefficients (rows ``>= mh`` or columns ``>= mw``), in
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import torch
 
 from .base import DEFAULT_REL_THRESHOLD, ImageSizeError, LinearOperator
+
+
+#: 1-D SVDs kept for reuse, keyed by the matrix's shape and bytes (at 4000 px one costs ~20 s)
+_SVD_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+_SVD_CACHE_SIZE = 4
+
+
+def svd_1d(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, s, V)`` of a float64 CPU matrix (full ``U`` and ``V``), cached: operators built again for
+    the same size (every image of an evaluation, both axes of a square image) reuse the factors."""
+    A = A.detach().cpu().to(torch.float64).contiguous()
+    key = (tuple(A.shape), hashlib.blake2b(A.numpy(), digest_size=16).digest())
+    hit = _SVD_CACHE.get(key)
+    if hit is None:
+        U, s, Vh = torch.linalg.svd(A, full_matrices=True)
+        hit = _SVD_CACHE[key] = (U, s, Vh.mT)
+        while len(_SVD_CACHE) > _SVD_CACHE_SIZE:
+            _SVD_CACHE.popitem(last=False)
+    _SVD_CACHE.move_to_end(key)
+    return hit
 
 
 class SeparableOperator(LinearOperator):
@@ -44,20 +67,13 @@ class SeparableOperator(LinearOperator):
         self._register("A_w", A_w)
         s_parts = []
         for name, A in (("h", A_h), ("w", A_w)):
-            U, s, Vh = torch.linalg.svd(A, full_matrices=True)
+            U, s, V = svd_1d(A)
             self._register(f"U_{name}", U)
-            self._register(f"V_{name}", Vh.mT)
+            self._register(f"V_{name}", V)
             s_parts.append(s)
         s2 = (s_parts[0][:, None] * s_parts[1][None, :]).reshape(-1).repeat(c)
         self._singulars = self._apply_threshold(s2, threshold)
         self._identity_perm = (mh == h and mw == w)
-        if not self._identity_perm:
-            idx = torch.arange(self.D).view(c, h, w)
-            observed = torch.zeros(c, h, w, dtype=torch.bool)
-            observed[:, :mh, :mw] = True
-            perm = torch.cat([idx[observed], idx[~observed]])  # boolean indexing keeps (c, i, j) order
-            self._register("perm", perm)
-            self._register("inv_perm", torch.argsort(perm))
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -68,14 +84,24 @@ class SeparableOperator(LinearOperator):
     def Vt(self, x: torch.Tensor) -> torch.Tensor:
         self._check_x(x)
         z = self._get("V_h", x).mT @ x @ self._get("V_w", x)
-        z = z.reshape(x.shape[0], self.D)
-        return z if self._identity_perm else z.index_select(1, self._get("perm", z))
+        if self._identity_perm:
+            return z.reshape(x.shape[0], self.D)
+        # observed block, then per channel the rest of rows < mh and the rows >= mh: (c, i, j) order
+        B, C, mh, mw = x.shape[0], self.in_shape[0], self._mh, self._mw
+        rest = torch.cat([z[:, :, :mh, mw:].reshape(B, C, -1), z[:, :, mh:, :].reshape(B, C, -1)], dim=2)
+        return torch.cat([z[:, :, :mh, :mw].reshape(B, -1), rest.reshape(B, -1)], dim=1)
 
     def V(self, v: torch.Tensor) -> torch.Tensor:
         self._check_spec(v, self.D, "V")
-        if not self._identity_perm:
-            v = v.index_select(1, self._get("inv_perm", v))
-        z = v.reshape(v.shape[0], *self.in_shape)
+        if self._identity_perm:
+            z = v.reshape(v.shape[0], *self.in_shape)
+        else:
+            B, (C, H, W), mh, mw = v.shape[0], self.in_shape, self._mh, self._mw
+            z = v.new_empty(B, C, H, W)
+            z[:, :, :mh, :mw] = v[:, : C * mh * mw].reshape(B, C, mh, mw)
+            rest = v[:, C * mh * mw :].reshape(B, C, -1)
+            z[:, :, :mh, mw:] = rest[:, :, : mh * (W - mw)].reshape(B, C, mh, W - mw)
+            z[:, :, mh:, :] = rest[:, :, mh * (W - mw) :].reshape(B, C, H - mh, W)
         return self._get("V_h", z) @ z @ self._get("V_w", z).mT
 
     def Ut(self, y: torch.Tensor) -> torch.Tensor:
