@@ -85,7 +85,8 @@ def _restore_early_checks(args) -> list[tuple[str, int, int]]:
         scale = 1 if args.degrade or args.scale is None or args.scale < 1 else args.scale
         budget = resources.memory_budget(args.max_memory)
         for path, h, w in sizes:
-            resources.check_memory(h * scale, w * scale, budget, samples=samples, what=f"{path} ({h * scale}x{w * scale} restored)")
+            resources.check_memory(h * scale, w * scale, budget, samples=samples, tile=_estimate_tile(args),
+                                   what=f"{path} ({h * scale}x{w * scale} restored)")
     return sizes
 
 
@@ -99,8 +100,14 @@ def _restore_checks(args, info, overrides: dict, device, sizes: list[tuple[str, 
     budget = resources.memory_budget(args.max_memory, str(device))
     separable = get_task_spec(args.task).separable
     for path, h, w in sizes:
-        resources.check_memory(h * factor, w * factor, budget, samples=samples, kind=info.prior,
-                               separable=separable, what=f"{path} ({h * factor}x{w * factor} restored)")
+        resources.check_memory(h * factor, w * factor, budget, samples=samples, kind=info.prior, separable=separable,
+                               tile=_estimate_tile(args), what=f"{path} ({h * factor}x{w * factor} restored)")
+
+
+def _estimate_tile(args) -> int | None:
+    """The tile the memory estimate may count on: none with --tile 0, else the one asked for or the
+    automatic one (tiling turns on by itself when the whole image would not fit)."""
+    return None if args.tile == 0 else (args.tile or resources.DEFAULT_TILE)
 
 
 def cmd_restore(args) -> int:

@@ -26,6 +26,11 @@ DEFAULT_MAX_PIXELS = 50_000_000
 MAX_BLUR_SIGMA = 100.0
 #: bytes the networks hold per restored pixel and per sample (float32, no gradients), by prior kind
 #: ("none": a baseline, which runs no network)
+#: bytes per pixel a method keeps for the whole image besides the network (its state, prediction,
+#: spectral copies, draws); what a tiled restoration costs per pixel (``priors.tiled``)
+STATE_BYTES_PER_PIXEL = 180
+#: the tile side that automatic tiling uses (``priors.tiled``)
+DEFAULT_TILE = 512
 ACTIVATION_BYTES_PER_PIXEL = {"pixel": 2048, "latent": 2048, "none": 64}
 #: the interpreter, torch and a model's weights: what a run needs before its first image
 BASE_BYTES = 600 * 2**20
@@ -82,22 +87,28 @@ def memory_budget(max_memory: str | None, device: str = "cpu") -> tuple[int, str
 
 
 def estimate_bytes(height: int, width: int, *, samples: int = 1, batch: int = 1, kind: str = "pixel",
-                   separable: bool = False) -> int:
+                   separable: bool = False, tile: int | None = None) -> int:
     """Peak memory of restoring ``batch`` images of ``height`` x ``width`` with ``samples`` draws each by a
     method with a ``kind`` prior; ``separable``: the operator keeps dense 1-D SVD factors (float64
-    ``A, U, V`` of each side, plus their workspace) and an index permutation of the image."""
+    ``A, U, V`` of each side, plus their workspace) and an index permutation of the image. ``tile``: the
+    network runs on tiles of that side (``priors.tiled``), so its activations are a tile's and the
+    whole image costs only the method's state."""
     pixels = height * width
-    total = BASE_BYTES + batch * samples * pixels * ACTIVATION_BYTES_PER_PIXEL[kind]
+    if tile and tile * tile < pixels:
+        per_draw = tile * tile * ACTIVATION_BYTES_PER_PIXEL[kind] + pixels * STATE_BYTES_PER_PIXEL
+    else:
+        per_draw = pixels * ACTIVATION_BYTES_PER_PIXEL[kind]
+    total = BASE_BYTES + batch * samples * per_draw
     if separable:
         total += 6 * 8 * (height**2 + width**2) + 2 * 8 * 3 * pixels
     return total
 
 
 def check_memory(height: int, width: int, budget: tuple[int, str], *, samples: int = 1, batch: int = 1,
-                 kind: str = "pixel", separable: bool = False, what: str = "") -> int:
+                 kind: str = "pixel", separable: bool = False, what: str = "", tile: int | None = None) -> int:
     """Raise ResourceError when :func:`estimate_bytes` exceeds ``budget`` (from :func:`memory_budget`),
     saying what would fit: fewer samples, a smaller image, or a higher ``--max-memory``."""
-    need = estimate_bytes(height, width, samples=samples, batch=batch, kind=kind, separable=separable)
+    need = estimate_bytes(height, width, samples=samples, batch=batch, kind=kind, separable=separable, tile=tile)
     limit, source = budget
     if need <= limit:
         return need

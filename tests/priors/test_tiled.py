@@ -292,7 +292,7 @@ def _restore(photo, out, *extra):
     from diffrestore.cli import main
 
     return main(["restore", str(photo), "--task", "sr4", "--prior", "builtin:pixel-s", "--steps", "2", "--degrade",
-                 "--out", str(out), "--no-progress", *extra])  # fmt: skip
+                 "--out", str(out), "--no-progress", "--dtype", "fp32", *extra])  # fmt: skip
 
 
 def test_cli_tile_options(tmp_path, photo, capsys):

@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from diffrestore import resources
+
 from .base import LatentSRPrior, PixelPrior
 
 __all__ = [
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 #: default tile side and overlap in image pixels (docs/results/2026-12-03-tiling.md)
-DEFAULT_TILE = 512
+DEFAULT_TILE = resources.DEFAULT_TILE
 DEFAULT_OVERLAP = 32
 #: irrational steps of the per-axis grid offsets: offsets of successive timesteps spread evenly
 _GOLDEN = (0.6180339887498949, 0.7548776662466927)
@@ -316,7 +318,7 @@ def activation_bytes_per_pixel(prior) -> float:
 #: bytes per image pixel a method keeps for the whole image besides the network: its state, the
 #: prediction, spectral copies and draws (DDRM holds about a dozen float32 images at once; a 12 MP
 #: denoise with 512-pixel tiles peaked at 2.75 GB RSS, ~170 B/px beyond the process and one tile)
-METHOD_BYTES_PER_PIXEL = 180
+METHOD_BYTES_PER_PIXEL = resources.STATE_BYTES_PER_PIXEL
 _GB = 1024**3
 
 
