@@ -131,6 +131,13 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from diffrestore.doctor import report
+
+    print(report())
+    return 0
+
+
 def cmd_priors(args) -> int:
     from diffrestore.priors.catalog import BUILTIN_PREFIX, DEFAULT_PRIORS, SPEC_FORMATS, builtin_dir, list_builtin_priors
 
@@ -366,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("priors", help="list the built-in priors and the formats --prior accepts")
     p.set_defaults(func=cmd_priors)
+    p = sub.add_parser("doctor", help="say which optional pieces are installed (metric weights, the app, a GPU) and how to add each")
+    p.set_defaults(func=cmd_doctor)
     _add_evaluate(sub)
     _add_report(sub)
     _add_demo(sub)
@@ -383,7 +392,6 @@ def _add_train(sub) -> None:
         help="train a built-in prior (pixel, or latent-sr: stages autoencoder then unet)",
         description="Train a prior from a folder of photos; resumable (--resume). "
         "`diffrestore train pixel --help` / `diffrestore train latent-sr --help` list the options.",
-        add_help=False,
     )
     p.add_argument("kind", choices=sorted(TRAINERS))
     p.add_argument("args", nargs=argparse.REMAINDER, help="the trainer's own options")
@@ -393,7 +401,7 @@ def _add_train(sub) -> None:
 def cmd_train(args) -> int:
     import importlib
 
-    return importlib.import_module(TRAINERS[args.kind]).main(args.args)
+    return importlib.import_module(TRAINERS[args.kind]).main(args.args, parser_class=OneLineParser, prog=f"diffrestore train {args.kind}")
 
 
 def _add_app(sub) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffrestore import io, resources, runtime
+from diffrestore.priors.catalog import DEFAULT_PRIORS
 from diffrestore.cli import (
     DTYPE_CHOICES, DTYPE_HELP, CLIError, add_run_options, add_tile_options, check_tile_options, parse_adm_config,
 )
@@ -27,8 +28,12 @@ def add_restore(sub) -> None:
     p = sub.add_parser("restore", help=SUMMARY, description=DESCRIPTION)
     p.add_argument("images", nargs="+", metavar="IMG")
     p.add_argument("--task", required=True, help="task name (see `diffrestore tasks`)")
-    p.add_argument("--method", default="ddrm", help="ddrm, srldm, ddrm-srldm, ddrm-ldm")
-    p.add_argument("--prior", required=True, help="model: a path (ADM .pt, LDM .ckpt, diffusers folder) or builtin:NAME")
+    p.add_argument("--method", default="ddrm", help="restoration method (default ddrm; `diffrestore methods` lists them)")
+    p.add_argument(
+        "--prior", default=None,
+        help="model: a path (ADM .pt, LDM .ckpt, diffusers folder) or builtin:NAME (default: the built-in prior the "
+        f"method needs, {DEFAULT_PRIORS['pixel']} or {DEFAULT_PRIORS['latent']})",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the method's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
@@ -124,6 +129,8 @@ def cmd_restore(args) -> int:
 
     device = resources.resolve_device(args.device)
     info = get_method(args.method)
+    if args.prior is None:
+        args.prior = DEFAULT_PRIORS[info.prior]
     adm_config = parse_adm_config(args.adm_config)
     check_tile_options(args)
     method_kwargs = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start, "stop": args.stop, "samples": args.samples}
