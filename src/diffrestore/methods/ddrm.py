@@ -53,6 +53,7 @@ from .common import (
     StepCallback,
     StepInfo,
     alpha_bar,
+    check_measurement,
     check_rho,
     make_randn,
     previous_timesteps,
@@ -132,11 +133,7 @@ def restore(
         x_hat ``(B, C, H, W)``: ``V(V^T x0)`` of the last prediction (not clamped).
     """
     # ---- checks ------------------------------------------------------------------------------
-    meas_shape = tuple(operator.measurement_shape)
-    if y.dim() < 1 or tuple(y.shape[1:]) != meas_shape:
-        raise MethodArgumentError(f"y must have shape (B, {meas_shape}), got {tuple(y.shape)}")
-    if not float(sigma_y) >= 0.0:
-        raise MethodArgumentError(f"sigma_y must be >= 0, got {sigma_y}")
+    check_measurement(operator, y, sigma_y)
     check_values(eta=eta, eta_b=eta_b, rho=rho)
     sigma_0 = float(sigma_y)
     seq = uniform_skip_timesteps(prior.num_timesteps, steps)
