@@ -74,6 +74,10 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("srldm", "srldm", "latent", 100, "latent SR diffusion conditioned on the (downscaled) measurement"),
         MethodInfo("ddrm-srldm", "ddrm_srldm", "latent", 20, "the report's DDRM with the latent SR model as denoiser"),
         MethodInfo("ddrm-ldm", "ddrm_ldm", "latent", 50, "latent diffusion with pixel-space DDRM-style data consistency"),
+        MethodInfo("pigdm", "pigdm", "pixel", 20,
+                   "PiGDM (Song et al. 2023): pseudo-inverse guidance through the network's Jacobian (paper: 100 steps)"),
+        MethodInfo("reddiff", "reddiff", "pixel", 20,
+                   "RED-diff (Mardani et al. 2024): Adam on the mean, the denoiser as regulariser (paper: 1000 steps)"),
     ]
 }
 
