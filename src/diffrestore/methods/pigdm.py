@@ -107,7 +107,7 @@ def pigdm_step(prior, x_t, t: int, a_t, a_s, residual, z, *, eta: float, guidanc
         if eps.shape[1] == 2 * C:  # learned-sigma output: keep the epsilon channels
             eps = eps[:, :C]
         x0 = (x - eps * float((1 - a_t).sqrt())) / float(a_t.sqrt())
-    if not x0.requires_grad:
+    if not eps.requires_grad:
         raise MethodArgumentError(f"{NO_GRADIENTS}; this prior's eps is not differentiable")
     x0_d, eps = x0.detach(), eps.detach()
     mat = residual(x0_d, a_t).to(x0_d)
