@@ -205,37 +205,30 @@ class OraclePrior(PixelPrior):
         return ((x_t.double() - a.sqrt() * self.x0.double()) / (1 - a).sqrt()).to(x_t.dtype)
 
 
-@pytest.fixture(scope="session")
-def golden_ddrm(shared: Path):
-    folder = shared / "golden" / "ddrm"
+def _golden_loader(folder: Path, filename: str, weights_only: bool):
+    """``load(name)``: the reference ``folder / filename.format(name)``, cached; skip when absent."""
     if not folder.is_dir():
-        pytest.skip(f"golden DDRM references not found at {folder}")
+        pytest.skip(f"golden references not found at {folder}")
     cache: dict[str, dict] = {}
 
-    def load(deg: str) -> dict:
-        if deg not in cache:
-            cache[deg] = torch.load(folder / f"ref_{deg}.pt", weights_only=False, map_location="cpu")
-        return cache[deg]
+    def load(name: str) -> dict:
+        if name not in cache:
+            cache[name] = torch.load(folder / filename.format(name), weights_only=weights_only, map_location="cpu")
+        return cache[name]
 
     load.folder = folder
     return load
+
+
+@pytest.fixture(scope="session")
+def golden_ddrm(shared: Path):
+    return _golden_loader(shared / "golden" / "ddrm", "ref_{}.pt", weights_only=False)
 
 
 @pytest.fixture(scope="session")
 def golden_pigdm(shared: Path):
     """Loader of the ΠGDM (``name`` = ``pigdm_<deg>``) and RED-diff (``reddiff/reddiff_<deg>``) goldens."""
-    folder = shared / "golden" / "pigdm"
-    if not folder.is_dir():
-        pytest.skip(f"golden PiGDM / RED-diff references not found at {folder}")
-    cache: dict[str, dict] = {}
-
-    def load(name: str) -> dict:
-        if name not in cache:
-            cache[name] = torch.load(folder / f"{name}.pt", weights_only=True, map_location="cpu")
-        return cache[name]
-
-    load.folder = folder
-    return load
+    return _golden_loader(shared / "golden" / "pigdm", "{}.pt", weights_only=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from diffrestore.methods import check_options, pigdm
+from diffrestore.methods import pigdm
 from diffrestore.methods.common import MethodArgumentError, alpha_bar
 from diffrestore.operators.tasks import make_task
 from diffrestore.priors.adm import adm_config, build_adm_unet, convert_adm_state_dict
@@ -116,16 +116,6 @@ def test_callback_determinism_and_seeds():
     noiseless = lambda **kw: pigdm.restore(prior, task.operator, y, sigma_y=0.0, steps=3,  # noqa: E731
                                            generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(noiseless(), noiseless(official_ignore_sigma_y=True))
-
-
-@pytest.mark.parametrize("options, says", [({"guidance_weight": -0.5}, "guidance_weight"), ({"eta": -0.1}, "eta"),
-                                           ({"guidance_weight": float("inf")}, "guidance_weight")])
-def test_option_values_are_checked(options, says):
-    with pytest.raises(ValueError, match=f"method pigdm: {says}"):
-        check_options("pigdm", options)
-    op = make_task("sr4", SHAPE).operator
-    with pytest.raises(MethodArgumentError, match=says):
-        pigdm.restore(TanhPrior(), op, torch.zeros(1, *op.measurement_shape), sigma_y=0.0, steps=2, **options)
 
 
 def test_prior_without_gradients_is_refused():

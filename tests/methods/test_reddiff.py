@@ -10,8 +10,7 @@ import json
 import pytest
 import torch
 
-from diffrestore.methods import check_options, reddiff
-from diffrestore.methods.common import MethodArgumentError
+from diffrestore.methods import reddiff
 from diffrestore.operators.tasks import make_task
 from diffrestore.priors.adm import adm_config, build_adm_unet, convert_adm_state_dict
 from diffrestore.priors.pixel import UNetPixelPrior
@@ -104,16 +103,6 @@ def test_callback_determinism_and_seeds():
     assert [i["i"] for i in infos] == list(range(5)) and [i["t"] for i in infos] == [800, 600, 400, 200, 0]
     assert torch.equal(a, infos[-1]["x0"])
     assert torch.equal(a, run(3)) and not torch.allclose(a, run(4))
-
-
-@pytest.mark.parametrize("options, says", [({"lr": -0.1}, "lr"), ({"reg_weight": -1.0}, "reg_weight"),
-                                           ({"obs_weight": float("nan")}, "obs_weight"), ({"sigma_x0": -0.5}, "sigma_x0")])
-def test_option_values_are_checked(options, says):
-    with pytest.raises(ValueError, match=f"method reddiff: {says}"):
-        check_options("reddiff", options)
-    op = make_task("sr4", SHAPE).operator
-    with pytest.raises(MethodArgumentError, match=says):
-        reddiff.restore(TanhPrior(), op, torch.zeros(1, *op.measurement_shape), sigma_y=0.0, steps=2, **options)
 
 
 def test_frozen_graphs_and_bf16_priors_work(shared):

@@ -86,7 +86,8 @@ def test_samples_argument_errors():
     [("ddrm", {"eta": 1.5}), ("ddrm", {"eta_b": -0.1}), ("srldm", {"eta": -1.0}), ("srldm", {"start": 1.5}),
      ("srldm", {"lr_filter": "nearest"}), ("srldm", {"rho": -0.1}), ("ddrm-ldm", {"stop": 0.5}), ("ddrm-ldm", {"rho": -0.1}),
      ("ddrm-srldm", {"strategy": "c"}), ("ddrm-srldm", {"eta": 2.0}), ("pigdm", {"guidance_weight": -1.0}),
-     ("pigdm", {"eta": 1.5}), ("reddiff", {"lr": 0.0}), ("reddiff", {"reg_weight": -0.25}), ("reddiff", {"sigma_x0": -1.0})],
+     ("pigdm", {"guidance_weight": float("inf")}), ("pigdm", {"eta": 1.5}), ("reddiff", {"lr": 0.0}),
+     ("reddiff", {"reg_weight": -0.25}), ("reddiff", {"obs_weight": float("nan")}), ("reddiff", {"sigma_x0": -1.0})],
 )
 def test_what_the_registry_refuses_the_method_refuses_too(method, options):
     """check_options (run before anything is written) and the method agree on every bad value."""
