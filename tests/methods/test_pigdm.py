@@ -165,17 +165,23 @@ def test_frozen_graphs_are_refused_and_bf16_works(tiny_adm):
     assert (outs[1] - outs[0]).norm() <= 0.05 * outs[0].norm()
 
 
-def test_cli_refuses_frozen_graphs_in_one_line_and_writes_nothing(tmp_path, shared, capsys):
+@pytest.mark.parametrize("command", ["restore", "evaluate"])
+def test_cli_refuses_frozen_graphs_in_one_line_and_writes_nothing(command, tmp_path, shared, capsys):
     from PIL import Image
 
     from diffrestore.cli import main
 
-    photo = tmp_path / "photo.png"
+    photo = tmp_path / "in" / "photo.png"
+    photo.parent.mkdir()
     Image.new("RGB", (64, 64), (120, 80, 40)).save(photo)
     out = tmp_path / "out"
-    rc = main(["restore", str(photo), "--method", "pigdm", "--task", "sr4", "--prior",
-               str(shared / "golden" / "ddrm" / "unet_state_dict.pt"), "--steps", "2", "--out", str(out),
-               "--degrade", "--no-progress", "--frozen-graphs"])
+    adm = str(shared / "golden" / "ddrm" / "unet_state_dict.pt")
+    if command == "restore":
+        args = ["restore", str(photo), "--method", "pigdm", "--task", "sr4", "--prior", adm, "--degrade"]
+    else:
+        args = ["evaluate", "--data", str(photo.parent), "--methods", "ddrm,pigdm", "--tasks", "sr4",
+                "--pixel-prior", adm, "--size", "64"]
+    rc = main(args + ["--steps", "2", "--out", str(out), "--no-progress", "--frozen-graphs"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err == ["diffrestore: error: pigdm needs gradients through the prior's network; run without --frozen-graphs"]
