@@ -123,7 +123,7 @@ def cmd_restore(args) -> int:
 
     import torch
 
-    from diffrestore.methods import check_options, get_method, method_options
+    from diffrestore.methods import check_frozen_graphs, check_options, get_method, method_options
     from diffrestore.pipeline import restore_file_inputs
     from diffrestore.priors.loading import load_prior
 
@@ -146,6 +146,7 @@ def cmd_restore(args) -> int:
         method_kwargs[name.strip()] = value.strip()
     try:  # values out of range: refused before anything is loaded
         method_kwargs = check_options(info.name, method_kwargs)
+        check_frozen_graphs([info.name], args.frozen_graphs)
     except ValueError as e:
         raise CLIError(str(e)) from None
     overrides = {k: v for k, v in (("sigma_y", args.sigma_y), ("blur_sigma", args.blur_sigma), ("scale", args.scale)) if v is not None}

@@ -156,6 +156,24 @@ def official_operator(ref: dict) -> LinearOperator:
     raise ValueError(deg)
 
 
+def reddiff_official_operator(ref: dict) -> LinearOperator:
+    """The operator of a RED-diff-repository reference (ΠGDM / RED-diff goldens): DDRM's layouts above,
+    with that repository's ``H_pinv``, which passes spectral entries of zero singular value through
+    undivided instead of zeroing them."""
+    Hi = dict(ref["H_internals"])
+    Hi["singulars()"] = Hi["singulars"]
+    op = official_operator({**ref, "H_internals": Hi})
+
+    def pinv(y):
+        u = op.Ut(y)
+        s = op.singulars.to(u)
+        u = torch.where(s > 0, u / torch.where(s > 0, s, torch.ones_like(s)), u)
+        return op.V(op._pad_spectral(u))
+
+    op.pinv = pinv
+    return op
+
+
 class ReplayPrior(PixelPrior):
     """Returns the recorded eps (first 3 of 6 channels) of call i and records how far its inputs
     were from the recorded ones (relative L2 of x_in; exact t)."""
@@ -187,8 +205,8 @@ class OraclePrior(PixelPrior):
         return ((x_t.double() - a.sqrt() * self.x0.double()) / (1 - a).sqrt()).to(x_t.dtype)
 
 
-def golden_loader(shared: Path, method: str, weights_only: bool = True):
-    """``load(name)`` of ``../shared/golden/<method>/ref_<name>.pt`` (cached); skips when absent."""
+def golden_loader(shared: Path, method: str, weights_only: bool = True, filename: str = "ref_{}.pt"):
+    """``load(name)`` of ``../shared/golden/<method>/<filename with name>`` (cached); skips when absent."""
     folder = shared / "golden" / method
     if not folder.is_dir():
         pytest.skip(f"golden {method} references not found at {folder}")
@@ -196,7 +214,7 @@ def golden_loader(shared: Path, method: str, weights_only: bool = True):
 
     def load(name: str) -> dict:
         if name not in cache:
-            cache[name] = torch.load(folder / f"ref_{name}.pt", weights_only=weights_only, map_location="cpu")
+            cache[name] = torch.load(folder / filename.format(name), weights_only=weights_only, map_location="cpu")
         return cache[name]
 
     load.folder = folder
@@ -209,6 +227,12 @@ def golden_ddrm(shared: Path):
 
 
 @pytest.fixture(scope="session")
+def golden_pigdm(shared: Path):
+    """Loader of the ΠGDM (``name`` = ``pigdm_<deg>``) and RED-diff (``reddiff/reddiff_<deg>``) goldens."""
+    return golden_loader(shared, "pigdm", filename="{}.pt")
+
+
+@pytest.fixture(scope="session")
 def ddrm_helpers():
     """The helpers above, for test modules (conftest modules are not imported by name)."""
     from types import SimpleNamespace
@@ -216,6 +240,7 @@ def ddrm_helpers():
     return SimpleNamespace(
         rel_l2=rel_l2,
         official_operator=official_operator,
+        reddiff_official_operator=reddiff_official_operator,
         ReplayPrior=ReplayPrior,
         OraclePrior=OraclePrior,
         OfficialDenoising=OfficialDenoising,

@@ -15,7 +15,7 @@ from test_ddrm import LinearPrior
 from test_latent_hybrids import _PixelLatent
 
 SHAPE = (3, 16, 16)
-STEPS = {"ddrm": 5, "srldm": 4, "ddrm-srldm": 5, "ddrm-ldm": 4, "diffpir": 5, "ddnm": 5}
+STEPS = {"ddrm": 5, "srldm": 4, "ddrm-srldm": 5, "ddrm-ldm": 4, "diffpir": 5, "ddnm": 5, "pigdm": 5, "reddiff": 5}
 
 
 def _setup(method, batch=2):
@@ -86,7 +86,10 @@ def test_samples_argument_errors():
     [("ddrm", {"eta": 1.5}), ("ddrm", {"eta_b": -0.1}), ("srldm", {"eta": -1.0}), ("srldm", {"start": 1.5}),
      ("srldm", {"lr_filter": "nearest"}), ("srldm", {"rho": -0.1}), ("ddrm-ldm", {"stop": 0.5}), ("ddrm-ldm", {"rho": -0.1}),
      ("ddrm-srldm", {"strategy": "c"}), ("ddrm-srldm", {"eta": 2.0}), ("diffpir", {"lambda_": -1.0}),
-     ("diffpir", {"zeta": 1.5})],
+     ("diffpir", {"zeta": 1.5}),
+     ("pigdm", {"guidance_weight": -1.0}),
+     ("pigdm", {"guidance_weight": float("inf")}), ("pigdm", {"eta": 1.5}), ("reddiff", {"lr": 0.0}),
+     ("reddiff", {"reg_weight": -0.25}), ("reddiff", {"obs_weight": float("nan")}), ("reddiff", {"sigma_x0": -1.0})],
 )
 def test_what_the_registry_refuses_the_method_refuses_too(method, options):
     """check_options (run before anything is written) and the method agree on every bad value."""

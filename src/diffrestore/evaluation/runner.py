@@ -88,7 +88,7 @@ import torch
 from diffrestore import io, resources, runtime
 from diffrestore.evaluation.data import check_images, choose_subset, find_images, load_eval_image
 from diffrestore.evaluation.distributed import Dist, from_env, launched_by_torchrun, spawn
-from diffrestore.methods import check_options, get_method
+from diffrestore.methods import check_frozen_graphs, check_options, get_method
 from diffrestore.pipeline import image_seed, lcm, measure_image, prior_multiple, resolve_steps, run_method, spread_stats
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
@@ -469,6 +469,10 @@ def prepare(spec: EvalSpec) -> Plan:
         get_method(m)
         if m not in methods:
             methods.append(m)
+    try:
+        check_frozen_graphs(methods + list(spec.fig7_steps), settings.get("frozen_graphs", False))
+    except ValueError as e:
+        raise EvalError(str(e)) from None
     for m in spec.steps:
         if m != "*" and m not in methods:
             raise EvalError(f"--steps names {m!r}, which is not among the methods ({', '.join(methods)})")

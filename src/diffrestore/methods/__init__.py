@@ -28,6 +28,8 @@ class MethodInfo:
     prior: str  # "pixel" or "latent"
     default_steps: int
     summary: str
+    #: the method differentiates through the prior's network (so frozen TorchScript graphs cannot serve it)
+    needs_gradients: bool = False
 
     @property
     def implementation(self) -> ModuleType:
@@ -78,6 +80,11 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("diffpir", "diffpir", "pixel", 20, "DiffPIR (Zhu et al. 2023): plug-and-play with the diffusion denoiser"),
         MethodInfo("ddnm", "ddnm", "pixel", 100,
                    "DDNM (Wang et al. 2023): range-null-space projection; DDNM+ when sigma_y > 0"),
+        MethodInfo("pigdm", "pigdm", "pixel", 20,
+                   "PiGDM (Song et al. 2023): pseudo-inverse guidance through the network's Jacobian (paper: 100 steps)",
+                   needs_gradients=True),
+        MethodInfo("reddiff", "reddiff", "pixel", 20,
+                   "RED-diff (Mardani et al. 2024): Adam on the mean, the denoiser as regulariser (paper: 1000 steps)"),
     ]
 }
 
@@ -93,6 +100,13 @@ def get_method(name: str) -> MethodInfo:
 _PIPELINE_ARGS = {"sigma_y", "steps"}
 # options the registry adds to every method (``MethodInfo.restore``)
 COMMON_OPTIONS = {"samples": 1}
+
+
+def check_frozen_graphs(methods, frozen_graphs: bool) -> None:
+    """Refuse frozen graphs for a method that needs gradients through the network, before anything runs."""
+    for name in methods:
+        if frozen_graphs and get_method(name).needs_gradients:
+            raise MethodArgumentError(f"{name} needs gradients through the prior's network; run without --frozen-graphs")
 
 
 def method_options(name: str) -> dict[str, object]:

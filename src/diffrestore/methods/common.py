@@ -67,6 +67,15 @@ def check_latent_image_size(prior, operator, method: str) -> None:
         raise ImageSizeError(f"{method} needs image sides that are multiples of {need}, got {H}x{W}")
 
 
+def check_measurement(operator, y: torch.Tensor, sigma_y: float) -> None:
+    """``y`` must be a batch of the operator's measurements and ``sigma_y`` a noise std (>= 0)."""
+    meas_shape = tuple(operator.measurement_shape)
+    if y.dim() < 1 or tuple(y.shape[1:]) != meas_shape:
+        raise MethodArgumentError(f"y must have shape (B, {meas_shape}), got {tuple(y.shape)}")
+    if not float(sigma_y) >= 0.0:
+        raise MethodArgumentError(f"sigma_y must be >= 0, got {sigma_y}")
+
+
 def check_rho(rho: float) -> None:
     """``rho``, an assumed error std for ``spectral_consistency``, must be >= 0."""
     if not rho >= 0.0:
@@ -180,15 +189,6 @@ def check_svd_operator(operator, method: str) -> None:
         raise MethodArgumentError(
             f"{method} needs an operator with SVD parts; {type(operator).__name__} lacks {', '.join(missing)}"
         )
-
-
-def check_measurement(operator, y: torch.Tensor, sigma_y: float) -> None:
-    """``y`` must be a batch of the operator's measurements and ``sigma_y`` a noise std >= 0."""
-    meas_shape = tuple(operator.measurement_shape)
-    if y.dim() < 1 or tuple(y.shape[1:]) != meas_shape:
-        raise MethodArgumentError(f"y must have shape (B, {meas_shape}), got {tuple(y.shape)}")
-    if not float(sigma_y) >= 0.0:
-        raise MethodArgumentError(f"sigma_y must be >= 0, got {sigma_y}")
 
 
 def sampler_setup(operator, y: torch.Tensor, generator: torch.Generator | None, randn: RandnFn | None):

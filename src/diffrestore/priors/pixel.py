@@ -81,6 +81,9 @@ class UNetPixelPrior(FrozenUNetMixin, PixelPrior):
         if t.numel() != b:
             raise ValueError(f"t has {t.numel()} entries for a batch of {b}")
         labels = self._labels(b, dev, class_labels)
+        if torch.is_grad_enabled() and x_t.requires_grad:
+            # a caller differentiating through the network (e.g. ΠGDM's vector-Jacobian product)
+            return self.unet_sample(x_t.to(dev, self.dtype), t, labels).to(torch.float32)
         with torch.inference_mode():
             out = self.unet_sample(x_t.to(dev, self.dtype), t, labels)
         # a fresh tensor made outside inference mode, so callers may use it in autograd-recorded code
