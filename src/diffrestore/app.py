@@ -16,10 +16,10 @@ __all__ = ["PROBLEMS", "RestoreJob", "build_app", "launch", "missing_gradio_mess
 
 #: what a person says is wrong with a photo -> (task, task parameters)
 PROBLEMS: dict[str, tuple[str, dict]] = {
-    "low resolution (upscale 4x)": ("sr4-bicubic", {}),
+    "low resolution (upscale 4x)": ("upscale", {}),
     "blurry": ("deblur", {}),
     "noisy": ("denoise", {}),
-    "noisy and low resolution (upscale 4x)": ("sr4-bicubic", {"sigma_y": 0.05}),
+    "noisy and low resolution (upscale 4x)": ("upscale-noisy", {}),
     "missing pixels (random half)": ("inpaint", {}),
     "grey (colourize)": ("colorize", {}),
 }

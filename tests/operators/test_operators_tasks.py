@@ -149,3 +149,18 @@ def test_report_size_builds_fast():
         y = op.H(x)
         torch.testing.assert_close(op.V(op.Vt(x)), x, atol=1e-4, rtol=0)
         assert op.Ut(y).shape == (1, op.m)
+
+
+def test_real_photo_task_names_are_the_bicubic_model():
+    """`upscale` / `upscale-noisy` (the names for real photos) are sr4-bicubic's operator, the noisy one
+    with noise 0.05, and not the report's block average."""
+    from diffrestore.operators.tasks import make_task
+
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ref = make_task("sr4-bicubic", (3, 32, 32))
+    block = make_task("sr4", (3, 32, 32))
+    for name, sigma in (("upscale", 0.0), ("upscale-noisy", 0.05)):
+        task = make_task(name, (3, 32, 32))
+        assert task.sigma_y == sigma
+        assert torch.equal(task.operator.H(x), ref.operator.H(x))
+        assert not torch.allclose(task.operator.H(x), block.operator.H(x))

@@ -197,6 +197,12 @@ for _spec in (
     TaskSpec("inpaint", _inpaint, 0.0, "degraded", {"keep": 0.5, "mask": None, "mask_seed": 0},
              "random pixel mask keeping 50% (fixed seed; or a given mask)"),
     TaskSpec("colorize", lambda in_shape: Colorization(in_shape), 0.0, "replicate", {}, "RGB -> channel mean"),
+    # names for real photos: a camera's low-resolution image is closer to an antialiased (bicubic)
+    # downsampling than to the report's 4x4 block average, which leaves a faint 4x4 pattern on them
+    TaskSpec("upscale", _bicubic_sr, 0.0, "bicubic", {"scale": 4, "threshold": _T},
+             "a real low-resolution photo, upscaled 4x (--scale N for another factor; as sr4-bicubic)"),
+    TaskSpec("upscale-noisy", _bicubic_sr, 0.05, "bicubic", {"scale": 4, "threshold": _T},
+             "a noisy low-resolution photo, upscaled 4x (noise 0.05; --sigma-y to change it)"),
 ):
     register(_spec)
 del _spec
