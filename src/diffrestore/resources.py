@@ -26,9 +26,11 @@ DEFAULT_MAX_PIXELS = 50_000_000
 MAX_BLUR_SIGMA = 100.0
 #: bytes the networks hold per restored pixel and per sample (float32, no gradients), by prior kind
 #: ("none": a baseline, which runs no network)
-#: bytes per pixel a method keeps for the whole image besides the network (its state, prediction,
-#: spectral copies, draws); what a tiled restoration costs per pixel (``priors.tiled``)
-STATE_BYTES_PER_PIXEL = 180
+#: bytes per pixel a tiled restoration keeps for the whole image besides the network (the method's
+#: state, prediction, spectral copies, draws, the decoded input and the measurement): 12 MP denoise
+#: peaked at 2.75 GB (~140 B/px beyond the process and one tile), a 64 MP denoise had reached 18.9 GB
+#: (~290 B/px) when it was stopped; rounded up so that the guard refuses before memory runs out
+STATE_BYTES_PER_PIXEL = 400
 #: the tile side that automatic tiling uses (``priors.tiled``)
 DEFAULT_TILE = 512
 ACTIVATION_BYTES_PER_PIXEL = {"pixel": 2048, "latent": 2048, "none": 64}

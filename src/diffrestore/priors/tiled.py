@@ -318,7 +318,7 @@ def activation_bytes_per_pixel(prior) -> float:
 #: bytes per image pixel a method keeps for the whole image besides the network: its state, the
 #: prediction, spectral copies and draws (DDRM holds about a dozen float32 images at once; a 12 MP
 #: denoise with 512-pixel tiles peaked at 2.75 GB RSS, ~170 B/px beyond the process and one tile)
-METHOD_BYTES_PER_PIXEL = resources.STATE_BYTES_PER_PIXEL
+METHOD_BYTES_PER_PIXEL = 180
 _GB = 1024**3
 
 
