@@ -92,3 +92,9 @@ def test_paper_preset_runs_the_module_defaults_bit_for_bit(data, tmp_path, monke
     assert found["paper"] == found["explicit-paper"]
     assert found["default"] == found["explicit-recommended"]
     assert found["paper"] != found["default"]
+
+
+def test_a_method_added_to_an_old_run_takes_the_recommended_options(data, tmp_path):
+    out = _old_run(data, tmp_path, None)
+    spec = runner.EvalSpec(out=out, methods=["srldm"], latent_prior="builtin:ldmsr-s")
+    assert runner.prepare(spec).grid["options"] == {"ddrm": {"consistency": False}, "srldm": {"consistency": True}}

@@ -487,7 +487,8 @@ def prepare(spec: EvalSpec) -> Plan:
     for m, values in spec.fig7_steps.items():
         get_method(m)
         sweep[m] = sorted(set(sweep.get(m, [])) | set(values))
-    options = _grid_options(spec, o_grid.get("options", {}), methods, sweep, old is not None, diffs)
+    ran = set(o_grid.get("methods", [])) | set(o_grid.get("fig7_steps", {}))
+    options = _grid_options(spec, o_grid.get("options", {}), methods, sweep, ran, diffs)
     figure_task = spec.fig7_task or o_grid.get("figure_task") or ("sr4" if "sr4" in tasks else tasks[0])
     if o_grid.get("figure_task") and figure_task != o_grid["figure_task"]:
         diffs.append(f"figure task {o_grid['figure_task']} -> {figure_task}")
@@ -519,19 +520,20 @@ def prepare(spec: EvalSpec) -> Plan:
     return Plan(run, data, files, config, old is None, str(device), spec.batch_size, spec.save_images, spec.progress, skipped, spec.max_pixels)
 
 
-def _grid_options(spec: EvalSpec, recorded: dict, methods: list[str], sweep: dict, resuming: bool,
+def _grid_options(spec: EvalSpec, recorded: dict, methods: list[str], sweep: dict, ran: set[str],
                   diffs: list[str]) -> dict[str, dict]:
     """Each method's options as the run records and passes them: those of ``--options``, and every
     option whose recommended default differs from the paper's, pinned to the value the run uses
     (the paper's with ``--preset paper``), so the grid never depends on which defaults apply. A run
-    recorded without such an option ran the paper's value. A resumed run's options must not change
-    (appended to ``diffs``)."""
+    recorded without such an option ran the paper's value. The options of a method the resumed run
+    already has (``ran``) must not change (appended to ``diffs``)."""
     for m in spec.options:
         if m not in methods:
             raise EvalError(f"--options names {m!r}, which is not among the methods ({', '.join(methods)})")
     options = {}
     for m in dict.fromkeys(methods + list(sweep)):
         before = dict(recorded.get(m, {}))
+        resuming = m in ran
         if resuming:
             pinned = {**preset_options(m, "paper"), **{k: v for k, v in before.items() if k in get_method(m).recommended}}
         else:
