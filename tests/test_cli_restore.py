@@ -312,29 +312,51 @@ def test_demo_with_adm_config(tmp_path, adm, capsys):
     assert settings["adm_config"] == {"num_head_channels": 16} and settings["priors"] == {"pixel": adm}
 
 
-def test_methods_lists_every_method_with_its_options(capsys):
-    from diffrestore.methods import METHODS
+def test_methods_explains_every_option_of_every_method(capsys):
+    """Under each method, one line per option: NAME=DEFAULT (the paper's value too where the
+    recommended default differs) and a description in words."""
+    import re
+
+    from diffrestore.methods import METHODS, option_descriptions
 
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
+    blocks = re.split(r"\n(?=\S)", out)
     for name in METHODS:
-        assert f"\n{name} " in "\n" + out
-    assert "eta=0.85, eta_b=1.0" in out and "start=0.5, stop=0.4" in out and "strategy=a" in out
+        block = next(b for b in blocks if b.startswith(f"{name} "))
+        lines = block.splitlines()[1:]
+        options = method_options(name)
+        assert len(lines) == len(options), block
+        for line, (key, value) in zip(lines, options.items()):
+            shown = str(value).lower() if isinstance(value, bool) else str(value)
+            assert line.split()[0] == f"{key}={shown}", line
+            assert option_descriptions(name)[key] and line.endswith(option_descriptions(name)[key])
+            assert len(option_descriptions(name)[key].split()) >= 4, (name, key)
+    assert "consistency=true (paper: false)" in out and "eta=0.85 " in out and "stop=0.4 " in out
+    assert out.count("=true (paper: false)") == sum(len(info.recommended) for info in METHODS.values()) == 2
 
 
-def test_any_method_option_by_name(tmp_path, photo, ldm):
-    """--option NAME=VALUE reaches options without a dedicated flag: SRLDM's consistency step makes
-    its output agree with the measurement (noiseless sr4: ||H x - y|| near 0, before clamping)."""
-    records = {}
-    for extra in ([], ["--option", "consistency=true"]):
-        out = tmp_path / f"out{len(extra)}"
+def test_any_method_option_by_name_and_the_paper_preset(tmp_path, photo, ldm):
+    """--option NAME=VALUE reaches options without a dedicated flag: SRLDM's consistency step (on by
+    default, the recommended setting) makes its output agree with the measurement (noiseless sr4:
+    ||H x - y|| near 0, before clamping); --option consistency=false and --preset paper (fp32) both
+    run the paper's SRLDM, the same image bit for bit; each record keeps the values used."""
+    runs = {"default": ["--dtype", "fp32"], "off": ["--dtype", "fp32", "--option", "consistency=false"],
+            "paper": ["--preset", "paper"], "on": ["--dtype", "fp32", "--option", "consistency=true"]}
+    records, images = {}, {}
+    for key, extra in runs.items():
+        out = tmp_path / key
         assert main(["restore", str(photo), "--task", "sr4", "--method", "srldm", "--prior", ldm, "--steps", "3",
                      "--out", str(out), "--degrade", "--no-progress", *extra]) == 0
-        records[len(extra)] = json.loads((out / "photo_sr4_srldm.json").read_text())
-    # records keep every option's value as used: the default where none was given
-    assert records[2]["options"]["consistency"] is True and records[0]["options"]["consistency"] is False
-    assert records[0]["options"] == method_options("srldm") and records[0]["steps"] == 3
-    assert records[2]["consistency_raw"] < 1e-3 < records[0]["consistency_raw"]
+        records[key] = json.loads((out / "photo_sr4_srldm.json").read_text())
+        images[key] = (out / "photo_sr4_srldm.png").read_bytes()
+    # records keep every option's value as used: the recommended default where none was given
+    assert records["default"]["options"] == method_options("srldm") and records["default"]["steps"] == 3
+    assert records["default"]["options"]["consistency"] is True and records["off"]["options"]["consistency"] is False
+    assert records["paper"]["options"] == method_options("srldm", paper=True) == records["off"]["options"]
+    assert records["paper"]["dtype"] == "fp32"
+    assert images["paper"] == images["off"] != images["default"] == images["on"]
+    assert records["default"]["consistency_raw"] < 1e-3 < records["off"]["consistency_raw"]
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,10 @@ def test_writes_every_output_and_reports_where(run):
     s = json.loads((out / "summary.json").read_text())
     assert s["settings"]["steps"] == {"ddrm": 2, "srldm": 2, "ddrm-srldm": 2, "ddrm-ldm": 3}
     assert s["settings"]["photos"] == ["astronaut"] and s["settings"]["size"] == 64
+    from diffrestore.methods import method_options
+
+    assert s["settings"]["options"] == {m: method_options(m) for m in METHODS}
+    assert s["settings"]["options"]["ddrm"]["consistency"] is True  # the recommended default, not the paper's
     assert s["restorations"] == len(TASKS) * len(METHODS) and s["skipped"] == []
     assert s["wall_seconds"] > 0 and s["peak_rss_mib"] > 50
     assert sorted(s["files"]["images"]) == sorted(f"images/{n}" for n in names)

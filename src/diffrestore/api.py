@@ -56,6 +56,7 @@ def run(
     dtype: str | None = None,
     adm_config: dict | None = None,
     callback: Callable | None = None,
+    preset: str | None = None,
     **options,
 ) -> Restoration:
     """Restore one image and return a :class:`Restoration`.
@@ -74,18 +75,20 @@ def run(
         device, dtype: where and in which precision the network runs ("fp32", "bf16", "fp16").
         adm_config: ADM hyper-parameters the checkpoint's weights do not give (the CLI's --adm-config).
         callback: called once per network evaluation with a ``methods.common.StepInfo``.
+        preset: "paper" for the published method's own option values; None or "recommended" for the
+            ones that measured better (``diffrestore methods`` shows both).
         options: any other method option by name (``eta=1.0``, ``consistency=True``...).
     """
     import torch
 
-    from diffrestore.methods import check_options, get_method
+    from diffrestore.methods import check_options, get_method, preset_options
     from diffrestore.operators.tasks import make_task
     from diffrestore.pipeline import (
         prepare_measurement, quality_record, resolve_steps, restore_measurement, std_map_image, used_options,
     )
 
     info = get_method(method)
-    given = check_options(info.name, {**options, "samples": samples})
+    given = {**preset_options(info.name, preset), **check_options(info.name, {**options, "samples": samples})}
     overrides = {k: v for k, v in (("sigma_y", sigma_y), ("blur_sigma", blur_sigma), ("scale", scale)) if v is not None}
     resolve_steps(info.name, steps)  # the prior's limit is checked again once it is loaded
     make_task(task, (3, 64, 64), **overrides)  # validates the task name and its parameters

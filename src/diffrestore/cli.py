@@ -121,13 +121,25 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def _option_value(value) -> str:
+    """An option value as it is typed on the command line (flags as true / false)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def cmd_methods(args) -> int:
-    from diffrestore.methods import METHODS, method_options
+    from diffrestore.methods import METHODS, method_options, option_descriptions
 
     for info in METHODS.values():
-        options = ", ".join(f"{k}={v}" for k, v in method_options(info.name).items())
         print(f"{info.name:12s} {info.prior:6s} {info.default_steps:4d} steps  {info.summary}")
-        print(f"{'':12s} options: {options or 'none'}")
+        paper = method_options(info.name, paper=True)
+        described = option_descriptions(info.name)
+        for key, value in method_options(info.name).items():
+            shown = f"{key}={_option_value(value)}"
+            if value != paper[key]:
+                shown += f" (paper: {_option_value(paper[key])})"
+            print(f"{'':14s}{shown:36s} {described[key]}")
+    print("\nSet an option with `restore --option NAME=VALUE` or `evaluate --options METHOD:NAME=VALUE`; "
+          "`--preset paper` uses the paper's values.")
     return 0
 
 
@@ -199,7 +211,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--fig7-task", default=None, help="task of Figures 6 and 7 (default: sr4 if evaluated, else the first task)")
     p.add_argument("--pixel-prior", default=None, metavar="SPEC", help="pixel prior for ddrm (path or builtin:NAME)")
     p.add_argument("--latent-prior", default=None, metavar="SPEC", help="latent SR prior for srldm, ddrm-srldm, ddrm-ldm")
-    p.add_argument("--preset", choices=["paper", "quick"], default=None, help="paper: the report's full grid; quick: a small CPU grid")
+    p.add_argument("--preset", choices=["paper", "quick"], default=None, help="paper: the report's full grid with the published methods' options, in fp32; quick: a small CPU grid "
+        "with the recommended options")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the throughput measurement (records run one image per call)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help=DTYPE_HELP + " (--preset paper: fp32)")
     p.add_argument("--save-images", action="store_true", help="keep every restored image (default: the first few, for Figure 4)")

@@ -65,7 +65,12 @@ def add_restore(sub) -> None:
         help="any other option of the method (repeatable; `diffrestore methods` lists them), "
         "e.g. --option consistency=true (srldm), --option rho=0.2 (ddrm-ldm), --option strategy=b (ddrm-srldm)",
     )
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
+    p.add_argument(
+        "--preset", choices=["recommended", "paper"], default=None,
+        help="recommended (default): the method options that measured best (`diffrestore methods` shows them); "
+        "paper: the published methods' own settings, in fp32 unless --dtype says otherwise",
+    )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help=DTYPE_HELP + " (--preset paper: fp32)")
     add_run_options(p)
     add_tile_options(p)
     p.set_defaults(func=cmd_restore)
@@ -123,7 +128,7 @@ def cmd_restore(args) -> int:
 
     import torch
 
-    from diffrestore.methods import check_frozen_graphs, check_options, get_method, method_options
+    from diffrestore.methods import check_frozen_graphs, check_options, get_method, method_options, preset_options
     from diffrestore.pipeline import restore_file_inputs
     from diffrestore.priors.loading import load_prior
 
@@ -145,7 +150,7 @@ def cmd_restore(args) -> int:
             raise CLIError(f"option {name.strip()} is given twice")
         method_kwargs[name.strip()] = value.strip()
     try:  # values out of range: refused before anything is loaded
-        method_kwargs = check_options(info.name, method_kwargs)
+        method_kwargs = {**preset_options(info.name, args.preset), **check_options(info.name, method_kwargs)}
         check_frozen_graphs([info.name], args.frozen_graphs)
     except ValueError as e:
         raise CLIError(str(e)) from None
@@ -156,7 +161,7 @@ def cmd_restore(args) -> int:
     images = [(p, io.rgb_to_tensor(img)) for p, img in pictures]
     mask = io.rgb_to_tensor(mask_picture) if mask_picture is not None else None
     out = Path(args.out)
-    dtype_name = runtime.pick_dtype(args.dtype, device)
+    dtype_name = runtime.pick_dtype(args.dtype or ("fp32" if args.preset == "paper" else "auto"), device)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     with io.writing_into(out) as written:
         prior = load_prior(args.prior, device=str(device), dtype=dtype, adm_config=adm_config, frozen_graphs=args.frozen_graphs)

@@ -235,6 +235,7 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
     writable). Every file written is appended to ``written``. Returns the summary."""
     from tqdm import tqdm
 
+    from diffrestore.methods import method_options
     from diffrestore.pipeline import image_seed, measure_image, run_method
 
     spec = plan.spec
@@ -301,6 +302,7 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
             "tasks": list(plan.tasks),
             "methods": plan.methods,
             "steps": plan.steps,
+            "options": {m: method_options(m) for m in plan.methods},  # every method runs its recommended defaults
             "priors": {k: v for k, v in plan.prior_specs.items() if k in plan.priors},
             **({"adm_config": spec.adm_config} if spec.adm_config is not None and "pixel" in plan.priors else {}),
             "device": str(spec.device),

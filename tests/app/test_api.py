@@ -101,3 +101,21 @@ def test_unreadable_inputs_are_value_errors(tmp_path):
     for image in (bad, np.zeros((4, 4), np.float32), torch.full((3, 8, 8), float("nan")), 3):
         with pytest.raises(ValueError):
             restore(image, task="denoise", steps=1)
+
+
+def test_preset_paper_runs_the_published_options(photo):
+    """``preset="paper"`` is the module's own defaults (DDRM without its consistency step): the same
+    pixels as ``consistency=False``; the default run uses the recommended value; records say which."""
+    from diffrestore import run
+    from diffrestore.methods import method_options
+
+    settings = dict(task="sr4", steps=2, seed=1, degrade=True)
+    paper, plain, default = run(photo, preset="paper", **settings), run(photo, consistency=False, **settings), run(photo, **settings)
+    assert np.array_equal(np.asarray(paper.image), np.asarray(plain.image))
+    assert not np.array_equal(np.asarray(paper.image), np.asarray(default.image))
+    assert paper.record["options"] == method_options("ddrm", paper=True) and paper.record["options"]["consistency"] is False
+    assert default.record["options"] == method_options("ddrm") and default.record["options"]["consistency"] is True
+    # the recommended consistency step meets the noiseless measurement (before clamping)
+    assert default.record["consistency_raw"] < 1e-3 < paper.record["consistency_raw"]
+    with pytest.raises(ValueError, match="unknown preset"):
+        run(photo, preset="fast", **settings)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffrestore.methods import METHODS, check_options, get_method
+from diffrestore.methods import METHODS, check_options, get_method, method_options, preset_options
 from diffrestore.methods.common import MethodArgumentError
 from diffrestore.operators.tasks import make_task
 from diffrestore.pipeline import run_method
@@ -34,16 +34,52 @@ def _run(info, prior, task, y, seed=4, **kw):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_samples_are_the_mean_of_an_explicit_repeated_batch(method):
     """samples=K equals the mean over the K rows of the method's own run on y repeated K times (same
-    seed); the K draws differ; K=1 is the method's restore bit for bit."""
+    seed, the registry's recommended options passed explicitly); the K draws differ; K=1 is the
+    method's restore with those options bit for bit."""
     info = get_method(method)
     task, prior, y = _setup(method)
     rows = info.sampler(prior, task.operator, y.repeat_interleave(3, dim=0), sigma_y=task.sigma_y,
-                        steps=STEPS[method], generator=torch.Generator().manual_seed(4)).reshape(2, 3, *SHAPE)
+                        steps=STEPS[method], generator=torch.Generator().manual_seed(4),
+                        **info.recommended).reshape(2, 3, *SHAPE)
     torch.testing.assert_close(_run(info, prior, task, y, samples=3), rows.mean(dim=1), atol=1e-6, rtol=0)
     assert not torch.allclose(rows[:, 0], rows[:, 1])
     one = info.sampler(prior, task.operator, y, sigma_y=task.sigma_y, steps=STEPS[method],
-                       generator=torch.Generator().manual_seed(4))
+                       generator=torch.Generator().manual_seed(4), **info.recommended)
     assert torch.equal(_run(info, prior, task, y, samples=1), one)
+
+
+@pytest.mark.parametrize("method", ["ddrm", "srldm"])
+def test_registry_defaults_are_the_recommended_options_and_paper_is_the_module_call(method):
+    """Through the registry an option left out takes its recommended value (bit for bit the run with
+    it passed explicitly), ``paper=True`` is the module's plain call bit for bit, and the two differ;
+    an explicit option beats the recommended one. ``method_options`` reports the same defaults."""
+    info = get_method(method)
+    assert info.recommended == {"consistency": True}
+    assert method_options(method)["consistency"] is True and method_options(method, paper=True)["consistency"] is False
+    assert preset_options(method, "paper") == {"consistency": False} and preset_options(method) == {"consistency": True}
+    task, prior, y = _setup(method)
+    plain = info.sampler(prior, task.operator, y, sigma_y=task.sigma_y, steps=STEPS[method],
+                         generator=torch.Generator().manual_seed(4))
+    default = _run(info, prior, task, y)
+    assert torch.equal(default, _run(info, prior, task, y, consistency=True))
+    assert torch.equal(_run(info, prior, task, y, paper=True), plain)
+    assert torch.equal(_run(info, prior, task, y, consistency=False), plain)
+    assert not torch.allclose(default, plain)
+    # the recommended run meets the measurement better (what the consistency step is for)
+    assert (task.operator.H(default) - y).norm() < (task.operator.H(plain) - y).norm()
+    # samples > 1 applies the same defaults to every draw
+    explicit = _run(info, prior, task, y, samples=2, consistency=True)
+    assert torch.equal(_run(info, prior, task, y, samples=2), explicit)
+    assert torch.equal(_run(info, prior, task, y, samples=2, paper=True), _run(info, prior, task, y, samples=2, consistency=False))
+
+
+def test_methods_without_recommended_options_keep_the_module_defaults():
+    for method in METHODS:
+        if not get_method(method).recommended:
+            assert method_options(method) == method_options(method, paper=True)
+            assert preset_options(method, "paper") == preset_options(method) == {}
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_options("ddrm", "fast")
 
 
 def test_samples_reduce_the_spread_across_seeds():

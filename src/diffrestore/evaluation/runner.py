@@ -88,7 +88,7 @@ import torch
 from diffrestore import io, resources, runtime
 from diffrestore.evaluation.data import check_images, choose_subset, find_images, load_eval_image
 from diffrestore.evaluation.distributed import Dist, from_env, launched_by_torchrun, spawn
-from diffrestore.methods import check_frozen_graphs, check_options, get_method
+from diffrestore.methods import check_frozen_graphs, check_options, get_method, preset_options
 from diffrestore.pipeline import image_seed, lcm, measure_image, prior_multiple, resolve_steps, run_method, spread_stats
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
@@ -483,17 +483,12 @@ def prepare(spec: EvalSpec) -> Plan:
         if given is not None and before is not None and given != before:
             diffs.append(f"steps of {m} {before} -> {given}")
         steps[m] = int(given or before or get_method(m).default_steps)
-    options = {m: dict(v) for m, v in o_grid.get("options", {}).items()}
-    for m, given in spec.options.items():
-        if m not in methods:
-            raise EvalError(f"--options names {m!r}, which is not among the methods ({', '.join(methods)})")
-        if old and given != options.get(m, {}):
-            diffs.append(f"options of {m} {options.get(m, {})} -> {given}")
-        options[m] = given
     sweep = {m: list(v) for m, v in o_grid.get("fig7_steps", {}).items()}
     for m, values in spec.fig7_steps.items():
         get_method(m)
         sweep[m] = sorted(set(sweep.get(m, [])) | set(values))
+    ran = set(o_grid.get("methods", [])) | set(o_grid.get("fig7_steps", {}))
+    options = _grid_options(spec, o_grid.get("options", {}), methods, sweep, ran, diffs)
     figure_task = spec.fig7_task or o_grid.get("figure_task") or ("sr4" if "sr4" in tasks else tasks[0])
     if o_grid.get("figure_task") and figure_task != o_grid["figure_task"]:
         diffs.append(f"figure task {o_grid['figure_task']} -> {figure_task}")
@@ -513,7 +508,7 @@ def prepare(spec: EvalSpec) -> Plan:
         "format": FORMAT,
         "settings": settings,
         "grid": {"tasks": tasks, "methods": methods, "steps": steps, "fig7_steps": sweep, "figure_task": figure_task}
-        | ({"options": options} if options else {}),  # recorded only when given: older runs stay valid
+        | ({"options": options} if options else {}),
         "last_invocation": {
             "device": str(device),
             "batch_size": spec.batch_size,
@@ -523,6 +518,33 @@ def prepare(spec: EvalSpec) -> Plan:
     }
     _check_memory(config, spec)
     return Plan(run, data, files, config, old is None, str(device), spec.batch_size, spec.save_images, spec.progress, skipped, spec.max_pixels)
+
+
+def _grid_options(spec: EvalSpec, recorded: dict, methods: list[str], sweep: dict, ran: set[str],
+                  diffs: list[str]) -> dict[str, dict]:
+    """Each method's options as the run records and passes them: those of ``--options``, and every
+    option whose recommended default differs from the paper's, pinned to the value the run uses
+    (the paper's with ``--preset paper``), so the grid never depends on which defaults apply. A run
+    recorded without such an option ran the paper's value. The options of a method the resumed run
+    already has (``ran``) must not change (appended to ``diffs``)."""
+    for m in spec.options:
+        if m not in methods:
+            raise EvalError(f"--options names {m!r}, which is not among the methods ({', '.join(methods)})")
+    options = {}
+    for m in dict.fromkeys(methods + list(sweep)):
+        before = dict(recorded.get(m, {}))
+        resuming = m in ran
+        if resuming:
+            pinned = {**preset_options(m, "paper"), **{k: v for k, v in before.items() if k in get_method(m).recommended}}
+        else:
+            pinned = preset_options(m, "paper" if spec.preset == "paper" else None)
+        given = spec.options.get(m)
+        if resuming and given is not None and {**pinned, **given} != {**pinned, **before}:
+            diffs.append(f"options of {m} {before} -> {given}")
+        chosen = {**pinned, **(before if given is None else given)}
+        if chosen:
+            options[m] = chosen
+    return options
 
 
 def _usable_images(data: Path, files: list[str], spec: EvalSpec) -> tuple[list[str], list[dict]]:

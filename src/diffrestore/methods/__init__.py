@@ -6,15 +6,20 @@ writes anything).
 The registry below is what the CLI, the evaluation grid and the demo read, so a method added here
 is reachable everywhere. ``prior`` says which kind of prior the method needs. Through the registry
 every method also takes ``samples=N`` (the mean of N draws, see ``MethodInfo.restore``).
+
+A module's keyword defaults are its paper's (or official code's) settings. ``MethodInfo.recommended``
+overrides some of them with values that measured better (docs/results/2026-12-03-defaults.md); the
+registry applies those unless told ``paper=True`` (the ``paper`` preset), so a run can reproduce either.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -30,6 +35,8 @@ class MethodInfo:
     summary: str
     #: the method differentiates through the prior's network (so frozen TorchScript graphs cannot serve it)
     needs_gradients: bool = False
+    #: option values used instead of the module's (the paper's) defaults, because they measured better
+    recommended: Mapping[str, object] = field(default_factory=dict, hash=False)
 
     @property
     def implementation(self) -> ModuleType:
@@ -48,32 +55,42 @@ class MethodInfo:
         if checker is not None:  # module checkers take the options they judge and ignore the rest
             checker(**{**method_options(self.name), **options})
 
-    def restore_draws(self, prior, operator, y: torch.Tensor, *, samples: int, **kwargs) -> torch.Tensor:
+    def with_defaults(self, kwargs: dict, *, paper: bool = False) -> dict:
+        """``kwargs`` with the recommended value of every option they leave out (none with ``paper``:
+        the module's own defaults then apply)."""
+        return dict(kwargs) if paper else {**self.recommended, **kwargs}
+
+    def restore_draws(self, prior, operator, y: torch.Tensor, *, samples: int, paper: bool = False, **kwargs) -> torch.Tensor:
         """``samples`` independent restorations of each measurement, drawn as one batch: (B, samples, ...).
-        The callback, if any, sees that batch."""
+        The callback, if any, sees that batch. Options left out take the recommended defaults
+        (the module's with ``paper``)."""
+        kwargs = self.with_defaults(kwargs, paper=paper)
         if samples != 1 and (kwargs.get("randn") is not None or kwargs.get("x_T") is not None):
             raise MethodArgumentError("x_T and randn replay one sample per measurement; use them with samples=1")
         return draws_of_samples(lambda ys: self.sampler(prior, operator, ys, **kwargs), y, samples)
 
-    def restore(self, prior, operator, y: torch.Tensor, *, samples: int = 1, **kwargs) -> torch.Tensor:
+    def restore(self, prior, operator, y: torch.Tensor, *, samples: int = 1, paper: bool = False, **kwargs) -> torch.Tensor:
         """The method's restoration of ``y``; with ``samples`` > 1 the mean of that many independent
         draws per measurement.
 
         Why a mean: a diffusion method returns a sample of the posterior, whose squared error is
         about twice the posterior mean's; averaging samples estimates the mean, which PSNR / SSIM
-        reward, at ``samples`` times the cost (and with smoother output). 1, the default, is the
-        published method: one draw, bit for bit the module's ``restore``.
+        reward, at ``samples`` times the cost (and with smoother output). 1, the default, is one draw:
+        bit for bit the module's ``restore`` called with the same options. Options left out take the
+        recommended defaults; ``paper=True`` leaves them to the module (the published method).
         """
         if type(samples) is int and samples == 1:
-            return self.sampler(prior, operator, y, **kwargs)
-        return self.restore_draws(prior, operator, y, samples=samples, **kwargs).mean(dim=1)
+            return self.sampler(prior, operator, y, **self.with_defaults(kwargs, paper=paper))
+        return self.restore_draws(prior, operator, y, samples=samples, paper=paper, **kwargs).mean(dim=1)
 
 
 METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in [
-        MethodInfo("ddrm", "ddrm", "pixel", 20, "DDRM (Kawar et al. 2022) with a pixel diffusion prior"),
-        MethodInfo("srldm", "srldm", "latent", 100, "latent SR diffusion conditioned on the (downscaled) measurement"),
+        MethodInfo("ddrm", "ddrm", "pixel", 20, "DDRM (Kawar et al. 2022) with a pixel diffusion prior",
+                   recommended={"consistency": True}),
+        MethodInfo("srldm", "srldm", "latent", 100, "latent SR diffusion conditioned on the (downscaled) measurement",
+                   recommended={"consistency": True}),
         MethodInfo("ddrm-srldm", "ddrm_srldm", "latent", 20, "the report's DDRM with the latent SR model as denoiser"),
         MethodInfo("ddrm-ldm", "ddrm_ldm", "latent", 50, "latent diffusion with pixel-space DDRM-style data consistency"),
         # 20 network calls as in the comparison; the DiffPIR paper's default is 100
@@ -100,6 +117,9 @@ def get_method(name: str) -> MethodInfo:
 _PIPELINE_ARGS = {"sigma_y", "steps"}
 # options the registry adds to every method (``MethodInfo.restore``)
 COMMON_OPTIONS = {"samples": 1}
+COMMON_DESCRIPTIONS = {"samples": "the mean of this many independent draws (an estimate of the posterior mean, N times the cost)"}
+#: what ``preset`` may be where a command takes one: the registry's recommended defaults or the papers'
+OPTION_PRESETS = ("recommended", "paper")
 
 
 def check_frozen_graphs(methods, frozen_graphs: bool) -> None:
@@ -109,17 +129,52 @@ def check_frozen_graphs(methods, frozen_graphs: bool) -> None:
             raise MethodArgumentError(f"{name} needs gradients through the prior's network; run without --frozen-graphs")
 
 
-def method_options(name: str) -> dict[str, object]:
+def method_options(name: str, *, paper: bool = False) -> dict[str, object]:
     """The tunable options of a method (keyword arguments of its ``restore`` with a number, flag or
-    string default, plus ``COMMON_OPTIONS``) and their defaults: what ``restore --eta`` or
-    ``evaluate --options`` may set."""
-    params = inspect.signature(get_method(name).sampler).parameters.values()
+    string default, plus ``COMMON_OPTIONS``) and their defaults, the recommended ones unless ``paper``:
+    what ``restore --eta`` or ``evaluate --options`` may set."""
+    info = get_method(name)
+    params = inspect.signature(info.sampler).parameters.values()
     own = {
         p.name: p.default
         for p in params
         if p.kind is p.KEYWORD_ONLY and p.name not in _PIPELINE_ARGS and isinstance(p.default, (int, float, str))
     }
+    if not paper:
+        own.update(info.recommended)
     return {**own, **COMMON_OPTIONS}
+
+
+def preset_options(name: str, preset: str | None = None) -> dict[str, object]:
+    """The value under ``preset`` ("paper": the module's; None or "recommended": the registry's) of
+    every option whose recommended default differs from the paper's: what a command passes
+    explicitly so that its run and its record do not depend on which defaults apply."""
+    if preset not in (None, *OPTION_PRESETS):
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(OPTION_PRESETS)}")
+    chosen = method_options(name, paper=preset == "paper")
+    return {k: chosen[k] for k in get_method(name).recommended}
+
+
+def option_descriptions(name: str) -> dict[str, str]:
+    """One line per option of ``name``: the first sentence of its entry in the ``Args:`` block of the
+    module's ``restore`` docstring (an entry may name several options, ``a, b: ...``)."""
+    doc = inspect.getdoc(get_method(name).sampler) or ""
+    block = doc.partition("Args:")[2]
+    entries: dict[str, str] = {}
+    names: list[str] = []
+    for line in block.splitlines():
+        if line and not line.startswith(" "):  # the next section (Returns:)
+            break
+        entry = re.match(r"^    ([\w, ]+):\s(.*)$", line)
+        if entry:
+            names = [n.strip() for n in entry.group(1).split(",")]
+            for n in names:
+                entries[n] = entry.group(2).strip()
+        elif line.startswith("        ") and names:
+            for n in names:
+                entries[n] += " " + line.strip()
+    first = {k: re.split(r"(?<=\.)\s+(?=[A-Z])", v)[0].replace("``", "") for k, v in entries.items()}
+    return {k: first.get(k, COMMON_DESCRIPTIONS.get(k, "")) for k in method_options(name)}
 
 
 def check_options(name: str, options: dict) -> dict:

@@ -93,7 +93,14 @@ def restore(
     randn=None,
     callback=None,
 ) -> torch.Tensor:
-    """Restore ``x`` from ``y = H x + sigma_y n`` with a latent SR prior (see module docstring)."""
+    """Restore ``x`` from ``y = H x + sigma_y n`` with a latent SR prior (see module docstring).
+
+    Args:
+        eta: DDIM eta, the share of fresh noise in each latent step.
+        rho: the floor of the prior estimate's assumed error std in the data-consistency blend.
+        start: fraction of the diffusion the steps begin at, from the upsampled measurement (1: pure noise).
+        stop: fraction of the diffusion the steps end at, returning that step's consistent estimate (0: a full sample).
+    """
     check_values(eta=eta, rho=rho, start=start, stop=stop)
     check_latent_image_size(prior, operator, "DDRM-LDM")
     _, H, W = operator.in_shape

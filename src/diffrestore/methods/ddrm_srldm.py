@@ -79,7 +79,13 @@ def restore(
     randn=None,
     callback=None,
 ) -> torch.Tensor:
-    """DDRM with the latent SR model standing in for the pixel denoiser (``strategy`` "a" or "b")."""
+    """DDRM with the latent SR model standing in for the pixel denoiser (``strategy`` "a" or "b").
+
+    Args:
+        strategy: how the pixel noise is made from the latent model: "a" steps and differences, "b" decodes it.
+        eta: DDRM eta: share of fresh noise on unobserved / less-noisy rows.
+        eta_b: DDRM eta_b: weight of the measurement on rows noisier than y.
+    """
     check_values(strategy=strategy, eta=eta, eta_b=eta_b)
     check_latent_image_size(prior, operator, "DDRM-SRLDM")
     device = prior.alphas_cumprod.device

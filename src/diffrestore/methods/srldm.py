@@ -142,6 +142,13 @@ def restore(
     otherwise they come from ``generator``. ``callback(info)`` gets a ``StepInfo`` per step: ``i``,
     ``steps``, ``t``, the latents ``z_t`` (the state the UNet evaluated) and ``z0`` (its x0
     prediction), and their decodes ``x_t`` and ``x0`` cropped to (H, W), decoded only when read.
+
+    Args:
+        eta: DDIM eta, the share of fresh noise in each step (0: deterministic).
+        lr_filter: how a measurement not at the model's input size is resized: bicubic, area or bilinear.
+        start: fraction of the diffusion the steps cover; below 1 they start from the upsampled measurement.
+        consistency: blend the decoded output with the measurement on the rows H observes.
+        rho: the assumed error std of the output on the observed rows (``consistency`` only).
     """
     # SRLDM conditions on the measurement as if it were a clean LR image; sigma_y only weighs ``consistency``
     check_values(eta=eta, start=start, lr_filter=lr_filter, rho=rho)
