@@ -53,7 +53,7 @@ def run(
     scale: int | None = None,
     mask=None,
     device: str = "cpu",
-    dtype: str | None = None,
+    dtype: str | None = "auto",
     adm_config: dict | None = None,
     callback: Callable | None = None,
     preset: str | None = None,
@@ -72,7 +72,8 @@ def run(
         samples: the mean of this many draws, with their per-pixel spread as ``std_map``.
         sigma_y, blur_sigma, scale, mask: task parameters (noise std in [-1, 1] units, blur std in
             pixels, SR factor, inpainting mask as a path / image, white = observed).
-        device, dtype: where and in which precision the network runs ("fp32", "bf16", "fp16").
+        device, dtype: where and in which precision the network runs ("auto": bf16 where the device
+            computes it natively, else fp32, as the CLI; "fp32", "bf16", "fp16"; "paper" preset: fp32).
         adm_config: ADM hyper-parameters the checkpoint's weights do not give (the CLI's --adm-config).
         callback: called once per network evaluation with a ``methods.common.StepInfo``.
         preset: "paper" for the published method's own option values; None or "recommended" for the
@@ -82,6 +83,7 @@ def run(
     import torch
 
     from diffrestore.methods import check_options, get_method, preset_options
+    from diffrestore.runtime import pick_dtype
     from diffrestore.operators.tasks import make_task
     from diffrestore.pipeline import (
         prepare_measurement, quality_record, resolve_steps, restore_measurement, std_map_image, used_options,
@@ -95,7 +97,10 @@ def run(
     x, as_tensor = _to_tensor(image)
     mask_t = None if mask is None else _to_tensor(mask)[0][0]
     spec = str(prior) if prior is not None else _default_prior(info.prior)
-    loaded = load_prior_cached(spec, device, dtype, json.dumps(adm_config, sort_keys=True) if adm_config else None)
+    if preset == "paper" and dtype == "auto":
+        dtype = "fp32"
+    dtype = pick_dtype(dtype, device)
+    loaded = load_prior_cached(spec, device, None if dtype == "fp32" else dtype, json.dumps(adm_config, sort_keys=True) if adm_config else None)
     kind = "latent" if hasattr(loaded, "encode") else "pixel"
     if kind != info.prior:
         raise ValueError(f"method {info.name} needs a {info.prior} prior, but {spec} is a {kind} prior")
@@ -108,7 +113,7 @@ def run(
         "method": info.name, "task": task, "prior": spec, "steps": result.steps,
         "options": used_options(info.name, given), "seed": seed, "sigma_y": result.task.sigma_y,
         "overrides": overrides, "size": list(result.x_hat.shape[-2:]), "crop": result.note,
-        "seconds": result.seconds, "device": str(device), **quality_record(result),
+        "seconds": result.seconds, "device": str(device), "dtype": dtype, **quality_record(result),
     }  # fmt: skip
 
     def out(t: torch.Tensor | None):

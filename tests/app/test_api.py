@@ -41,10 +41,12 @@ def test_api_equals_the_cli_on_the_same_file(tmp_path, photo, shared):
     from diffrestore import run
 
     adm = str(shared / "golden" / "ddrm" / "unet_state_dict.pt")
-    result = run(photo, task="sr4", prior=adm, steps=3, seed=4, degrade=True, adm_config=TINY_ADM_CONFIG, eta=0.9)
+    result = run(photo, task="sr4", prior=adm, steps=3, seed=4, degrade=True, adm_config=TINY_ADM_CONFIG, eta=0.9,
+                 dtype="fp32")
     out = tmp_path / "cli"
     assert main(["restore", str(photo), "--task", "sr4", "--prior", adm, "--steps", "3", "--seed", "4", "--degrade",
-                 "--eta", "0.9", "--adm-config", json.dumps(TINY_ADM_CONFIG), "--out", str(out), "--no-progress"]) == 0
+                 "--eta", "0.9", "--adm-config", json.dumps(TINY_ADM_CONFIG), "--dtype", "fp32", "--out", str(out),
+                 "--no-progress"]) == 0
     cli_png = np.asarray(Image.open(out / "x_sr4_ddrm.png"))
     assert np.array_equal(np.asarray(result.image), cli_png)
     record = json.loads((out / "x_sr4_ddrm.json").read_text())
