@@ -64,6 +64,7 @@ BASELINE = "baseline"
 GRID_CELL_PX = 192
 GRID_LABEL_PX = 100
 GRID_COL_TITLE_PX = 76  # four lines of a column title
+REPORT_TITLE = " --report (the report's comparison)"
 CSV_FIELDS = ("task", "method", "label", "steps", "options", "n_images", "psnr", "ssim", "seconds_per_image")
 METRIC_NOTE = "PSNR (dB) and SSIM against the clean photo, computed on the saved 8-bit PNGs"
 
@@ -436,8 +437,8 @@ def _draw_grid(rows: list[dict], plan: DemoPlan, path: Path) -> dict:
         row_labels=labels,
         captions=captions,
         bold=bold,
-        title=f"diffrestore demo{' --report (the report\'s comparison)' if plan.spec.report else ''}: PSNR against the clean "
-        f"photo (best of each row in bold), {plan.spec.size}x{plan.spec.size}",
+        title=f"diffrestore demo{REPORT_TITLE if plan.spec.report else ''}: PSNR against the clean photo (best of each row "
+        f"in bold), {plan.spec.size}x{plan.spec.size}",
         cell_px=GRID_CELL_PX,
         label_px=GRID_LABEL_PX,
         col_title_px=GRID_COL_TITLE_PX,
@@ -446,6 +447,8 @@ def _draw_grid(rows: list[dict], plan: DemoPlan, path: Path) -> dict:
         "file": path.name,
         "rows": [[row["image"], row["task"]] for row in rows],
         "columns": columns,
+        "titles": titles,
+        "captions": captions,
         "size_px": list(geo.size),
         "cell_px": geo.cell,
     }
