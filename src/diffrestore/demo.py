@@ -8,8 +8,9 @@ The photos are scikit-image's bundled samples (``skimage.data.astronaut``, ``cof
 (``evaluation.data.center_crop_resize``: centre square crop, bilinear resize to ``--size``). For each
 (photo, task) the clean photo is degraded once, with a generator seeded from
 ``pipeline.image_seed(seed, photo + '#measurement')`` exactly as ``diffrestore evaluate`` does; the
-task's baseline (``Task.baseline``, named per task in its caption and in ``metrics.md``) and then every method (``pipeline.run_method``, seed
-``image_seed(seed, photo)``) restore that one measurement.
+task's baseline (``Task.baseline``, named per task in its caption and in ``metrics.md``) and then
+every method (``pipeline.run_method`` with the column's options, seed ``image_seed(seed, photo)``)
+restore that one measurement.
 
 Outputs in OUT (every file written atomically):
 
@@ -18,7 +19,7 @@ Outputs in OUT (every file written atomically):
 * ``demo_grid.png``: one row per (photo, task), columns clean | degraded | baseline | methods, each
   column titled (a method's title: name, tags such as ``fails: colour drift``, steps, options), each
   cell captioned with its PSNR (the best of the row in bold; the baseline's caption names it);
-* ``metrics.md`` / ``metrics.csv``: task | method | steps | options | PSNR | SSIM | seconds per image,
+* ``metrics.md`` / ``metrics.csv``: task | method (and its label) | steps | options | PSNR | SSIM | seconds per image,
   averaged over the photos, the baseline first within each task; metrics.md also says what the
   baseline is per task and why a failing setup fails;
 * ``summary.json``: settings, skipped methods, per-restoration records, the table, the grid layout,
