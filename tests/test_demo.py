@@ -435,3 +435,18 @@ def test_baseline_descriptions_say_what_the_baseline_computes():
     assert dc.baseline_note(["sr4", "deblur", "noisy-sr4", "colorize"]) == (
         "baseline (no model): sr4, noisy-sr4: bicubic upscaling; deblur: the input as is; colorize: grey input in RGB"
     )
+
+
+def test_help_names_the_sets_and_steps_the_demo_runs():
+    """``demo --help`` is written without importing the demo (no torch): check its lists against the sets."""
+    from diffrestore import demo_columns as dc
+
+    sub = next(a for a in cli.build_parser()._actions if getattr(a, "choices", None) and "demo" in a.choices)
+    helps = {a.dest: a.help for a in sub.choices["demo"]._actions}
+    user, report = (",".join(c.method for c in s) for s in (dc.USER_COLUMNS, dc.REPORT_COLUMNS))
+    assert f"(default: {user}; with --report: {report})" in helps["methods"]
+    by_steps: dict[int, list[str]] = {}
+    for c in dict((c.method, c) for c in (*dc.USER_COLUMNS, *dc.REPORT_COLUMNS)).values():
+        by_steps.setdefault(c.steps, []).append(c.method)
+    for steps, methods in by_steps.items():
+        assert f"{', '.join(methods)} {steps}" in helps["steps"], (steps, methods)

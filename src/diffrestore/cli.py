@@ -311,7 +311,7 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--steps", default=None,
         help="N for every method, or per method, e.g. ddrm:10,srldm:25 (default: ddrm, diffpir, ddrm-srldm 20; "
-        "srldm, ddrm-ldm 50; another method its registry default)",
+        "ddrm-ldm, srldm 50; another method its registry default)",
     )  # fmt: skip
     p.add_argument("--pixel-prior", default=None, metavar="SPEC", help=f"pixel prior for ddrm and diffpir (default {DEFAULT_PRIORS['pixel']})")
     p.add_argument("--latent-prior", default=None, metavar="SPEC", help=f"latent SR prior (default {DEFAULT_PRIORS['latent']})")
