@@ -19,9 +19,10 @@ from PIL import Image
 
 from diffrestore import cli, demo
 from diffrestore.evaluation.report import GridGeometry
+from diffrestore.methods import method_options
 
 TASKS = ["sr4", "deblur", "denoise", "noisy-sr4"]
-METHODS = ["ddrm", "srldm", "ddrm-srldm", "ddrm-ldm"]
+METHODS = ["ddrm", "diffpir", "ddrm-ldm", "srldm"]  # the default: the methods a user should pick
 SEED = 5
 
 
@@ -77,7 +78,7 @@ def test_writes_every_output_and_reports_where(run):
     assert _u8(out / "images" / "astronaut_sr4_degraded.png").shape == (16, 16, 3)
     assert _u8(out / "images" / "astronaut_sr4_ddrm.png").shape == (64, 64, 3)
     s = json.loads((out / "summary.json").read_text())
-    assert s["settings"]["steps"] == {"ddrm": 2, "srldm": 2, "ddrm-srldm": 2, "ddrm-ldm": 3}
+    assert s["settings"]["steps"] == {"ddrm": 2, "diffpir": 2, "ddrm-ldm": 3, "srldm": 2}
     assert s["settings"]["photos"] == ["astronaut"] and s["settings"]["size"] == 64
     from diffrestore.methods import method_options
 
@@ -87,7 +88,7 @@ def test_writes_every_output_and_reports_where(run):
     assert s["wall_seconds"] > 0 and s["peak_rss_mib"] > 50
     assert sorted(s["files"]["images"]) == sorted(f"images/{n}" for n in names)
     # printed: the table, where the results are, wall time and peak memory
-    assert "| Task | Method | Steps | PSNR (dB) | SSIM | Time per image (s) |" in stdout
+    assert "| Task | Method | Steps | Options | PSNR (dB) | SSIM | Time per image (s) |" in stdout
     assert str(out / "demo_grid.png") in stdout and str(out / "metrics.csv") in stdout
     assert "wall time" in stdout and "peak memory" in stdout
 
@@ -99,12 +100,20 @@ def test_metrics_table_has_a_row_per_task_and_method_baseline_first(run):
     assert tuple(rows[0]) == demo.CSV_FIELDS
     assert [(r["task"], r["method"]) for r in rows] == [(t, m) for t in TASKS for m in ["baseline", *METHODS]]
     assert all(r["n_images"] == "1" and float(r["seconds_per_image"]) >= 0 for r in rows)
-    md = [ln for ln in (out / "metrics.md").read_text().splitlines() if ln.startswith("| ") and "Task" not in ln]
+    baselines = {"sr4": "bicubic upscaling", "noisy-sr4": "bicubic upscaling", "deblur": "the input as is", "denoise": "the input as is"}
+    labels = {"ddrm": "DDRM", "diffpir": "DiffPIR", "ddrm-ldm": "DDRM-LDM", "srldm": "SRLDM"}  # none expected to fail
+    assert [r["label"] for r in rows] == [lab for t in TASKS for lab in [f"baseline: {baselines[t]}", *labels.values()]]
+    assert {r["options"] for r in rows if r["method"] == "srldm"} == {"consistency=true"}
+    text = (out / "metrics.md").read_text()
+    assert "- baseline (no model): sr4, noisy-sr4: bicubic upscaling; deblur, denoise: the input as is\n" in text
+    assert "fail" not in text
+    md = [ln for ln in text.splitlines() if ln.startswith("| ") and "Task" not in ln]
     assert len(md) == len(rows)
     for line, r in zip(md, rows):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[:2] == [r["task"], r["method"]]
-        assert cells[3:5] == [f"{float(r['psnr']):.2f}", f"{float(r['ssim']):.4f}"]
+        assert cells[:2] == [r["task"], r["label"]]
+        assert cells[2] == ("—" if r["method"] == "baseline" else r["steps"])
+        assert cells[4:6] == [f"{float(r['psnr']):.2f}", f"{float(r['ssim']):.4f}"]
 
 
 def test_metrics_equal_a_recomputation_from_the_saved_pngs(run):
@@ -133,14 +142,26 @@ def test_grid_has_one_cell_per_row_and_column_showing_the_saved_pngs(run):
     s = json.loads((out / "summary.json").read_text())["grid"]
     assert s["rows"] == [["astronaut", t] for t in TASKS]
     assert s["columns"] == ["clean", "degraded", "baseline", *METHODS]
+    # titles: what the baseline is; each method with its steps and key options (the registry's defaults but srldm's)
+    defaults = {m: method_options(m) for m in ("ddrm", "ddrm-ldm")}
+    assert [t.replace("\n", " ") for t in s["titles"]] == [
+        "clean", "degraded", "baseline (no model): named under each image", f"DDRM 2 steps, eta={defaults['ddrm']['eta']}",
+        "DiffPIR 2 steps", f"DDRM-LDM 3 steps, start={defaults['ddrm-ldm']['start']}, stop={defaults['ddrm-ldm']['stop']}",
+        "SRLDM 2 steps, consistency=true",
+    ]  # fmt: skip
+    # the baseline's caption names it per task; the methods' captions are their PSNR
+    for caps, task in zip(s["captions"], TASKS):
+        assert caps[2].startswith({"sr4": "bicubic upscaling: ", "noisy-sr4": "bicubic upscaling: "}.get(task, "the input as is: "))
+        assert all(c.endswith(" dB") and c[0].isdigit() for c in caps[3:])
     nrows, ncols = len(TASKS), 3 + len(METHODS)
     cell, gap = demo.GRID_CELL_PX, GridGeometry.GAP_PX
     width = demo.GRID_LABEL_PX + ncols * cell + (ncols - 1) * gap + GridGeometry.MARGIN_PX
-    height = (GridGeometry.TITLE_PX + GridGeometry.COL_TITLE_PX + nrows * (cell + GridGeometry.CAPTION_PX)
+    height = (GridGeometry.TITLE_PX + demo.GRID_COL_TITLE_PX + nrows * (cell + GridGeometry.CAPTION_PX)
               + (nrows - 1) * gap + GridGeometry.MARGIN_PX)  # fmt: skip
     grid = _u8(out / "demo_grid.png")
     assert grid.shape == (height, width, 3) and s["size_px"] == [width, height]
-    geo = GridGeometry(nrows, ncols, cell_px=cell, label_px=demo.GRID_LABEL_PX, captions=True, title=True)
+    geo = GridGeometry(nrows, ncols, cell_px=cell, label_px=demo.GRID_LABEL_PX, captions=True, title=True,
+                       col_title_px=demo.GRID_COL_TITLE_PX)  # fmt: skip
     for r, (_, task) in enumerate(s["rows"]):
         for c, col in enumerate(s["columns"]):
             name = "astronaut_clean.png" if col == "clean" else f"astronaut_{task}_{col}.png"
@@ -220,15 +241,16 @@ def test_methods_of_an_untrained_builtin_prior_are_skipped_with_a_warning(tmp_pa
     assert rc == 0, captured.err
     warnings = [ln for ln in captured.err.splitlines() if "warning" in ln]
     assert warnings == [
-        "diffrestore: warning: skipping srldm, ddrm-srldm, ddrm-ldm: builtin prior 'lat' skipped: no weights yet in unet/ "
+        "diffrestore: warning: skipping ddrm-ldm, srldm: builtin prior 'lat' skipped: no weights yet in unet/ "
         "(builtin:lat; pass --latent-prior SPEC to use another)"
     ]
     with open(out / "metrics.csv", newline="") as f:
-        assert [(r["task"], r["method"]) for r in csv.DictReader(f)] == [("denoise", "baseline"), ("denoise", "ddrm")]
+        rows = [(r["task"], r["method"]) for r in csv.DictReader(f)]
+    assert rows == [("denoise", "baseline"), ("denoise", "ddrm"), ("denoise", "diffpir")]
     s = json.loads((out / "summary.json").read_text())
-    assert [x["method"] for x in s["skipped"]] == ["srldm", "ddrm-srldm", "ddrm-ldm"]
-    assert s["grid"]["columns"] == ["clean", "degraded", "baseline", "ddrm"]
-    assert "skipped: srldm" in (out / "metrics.md").read_text()
+    assert [x["method"] for x in s["skipped"]] == ["ddrm-ldm", "srldm"]
+    assert s["grid"]["columns"] == ["clean", "degraded", "baseline", "ddrm", "diffpir"]
+    assert "skipped: ddrm-ldm" in (out / "metrics.md").read_text()
     assert "skipped srldm: builtin prior 'lat' skipped: no weights yet in unet/" in captured.out
 
 
@@ -279,3 +301,156 @@ def test_frozen_graphs_give_the_same_metrics_and_are_recorded(tmp_path, priors, 
     for key, row in plain.items():
         assert frozen[key]["psnr"] == pytest.approx(row["psnr"], abs=0.02), key
         assert frozen[key]["ssim"] == pytest.approx(row["ssim"], abs=1e-3), key
+
+
+def _block_mean(img: np.ndarray, f: int = 4) -> np.ndarray:
+    h, w, c = img.shape
+    return img.astype(np.float64).reshape(h // f, f, w // f, f, c).mean(axis=(1, 3))
+
+
+def test_default_srldm_runs_with_its_consistency_step(run):
+    """The default demo's SRLDM has consistency=true: on noiseless sr4 its output averages back to the
+    measurement (the projection onto {Hx = y}), up to the 8-bit rounding and clamping of the saved PNGs."""
+    out, _ = run
+    s = json.loads((out / "summary.json").read_text())["settings"]
+    assert s["report"] is False and s["options"]["srldm"] == {"consistency": True}
+    y = _u8(out / "images" / "astronaut_sr4_degraded.png").astype(np.float64)
+    err = np.abs(_block_mean(_u8(out / "images" / "astronaut_sr4_srldm.png")) - y).mean()
+    assert err < 3.0, err  # in 8-bit levels; without the step the tiny random model is tens of levels off
+
+
+@pytest.fixture(scope="module")
+def report_run(priors, tmp_path_factory):
+    """``demo --report`` on sr4 only, recording what each method was called with."""
+    from diffrestore import pipeline
+
+    out = tmp_path_factory.mktemp("demo_report") / "out"
+    calls: dict[str, dict] = {}
+    real = pipeline.run_method
+
+    def spy(method, *args, **kwargs):
+        calls[method] = kwargs
+        return real(method, *args, **kwargs)
+
+    argv = ["demo", "--report", "--out", str(out), "--images", "1", "--size", "64", "--tasks", "sr4", "--steps", "2",
+            "--seed", str(SEED), "--pixel-prior", priors["pixel"], "--latent-prior", priors["latent"], "--no-progress"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "run_method", spy)
+        assert cli.main(argv) == 0
+    return out, calls
+
+
+def test_report_variant_runs_the_reports_setups_with_their_options(report_run):
+    out, calls = report_run
+    assert list(calls) == ["srldm", "ddrm", "ddrm-srldm", "ddrm-ldm"]
+    # the report's options are passed explicitly, whatever the registry's defaults become
+    assert {k: calls["srldm"][k] for k in ("eta", "start", "consistency")} == {"eta": 1.0, "start": 1.0, "consistency": False}
+    assert calls["ddrm"]["eta"] == 0.85 and calls["ddrm"]["eta_b"] == 1.0
+    assert calls["ddrm-srldm"]["strategy"] == "a" and calls["ddrm-srldm"]["eta"] == 0.85
+    assert not ({"eta", "start", "stop", "consistency"} & set(calls["ddrm-ldm"]))  # this project's method: its defaults
+    # SRLDM without the consistency step is not tied to the measurement (compare the default demo's test)
+    y = _u8(out / "images" / "astronaut_sr4_degraded.png").astype(np.float64)
+    assert np.abs(_block_mean(_u8(out / "images" / "astronaut_sr4_srldm.png")) - y).mean() > 10.0
+
+
+def test_report_variant_labels_the_failing_setups(report_run):
+    out, _ = report_run
+    s = json.loads((out / "summary.json").read_text())
+    labels = {"srldm": "SRLDM (report; fails: colour drift)", "ddrm": "DDRM (report)",
+              "ddrm-srldm": "DDRM-SRLDM (report; fails: checkerboard)", "ddrm-ldm": "DDRM-LDM"}  # fmt: skip
+    assert s["settings"]["report"] is True and s["settings"]["labels"] == labels
+    titles = [t.replace("\n", " ") for t in s["grid"]["titles"]]
+    assert titles[2] == "baseline (no model): bicubic upscaling"
+    assert titles[3] == "SRLDM (report; fails: colour drift) 2 steps, consistency=false"
+    assert titles[4] == "DDRM (report) 2 steps, eta=0.85"
+    assert titles[5] == "DDRM-SRLDM (report; fails: checkerboard) 2 steps, strategy=a"
+    assert titles[6].startswith("DDRM-LDM 2 steps")
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows] == ["baseline: bicubic upscaling", *labels.values()]
+    text = (out / "metrics.md").read_text()
+    assert "- baseline (no model): sr4: bicubic upscaling\n" in text
+    fails = [ln for ln in text.splitlines() if "expected to fail" in ln]
+    assert [ln.split(":")[0] for ln in fails] == ["- SRLDM (report; fails", "- DDRM-SRLDM (report; fails"]
+    assert "colours to the measurement" in fails[0] and "checkerboard" in fails[1]
+    assert "| sr4 | SRLDM (report; fails: colour drift) | 2 | consistency=false |" in text
+
+
+def test_column_labels_follow_the_options_used():
+    from diffrestore import demo_columns as dc
+
+    Column = dc.Column
+    assert dc.failure(Column("srldm", 5, {"consistency": True})) is None
+    assert dc.label(Column("srldm", 5, {"consistency": False})) == "SRLDM (fails: colour drift)"
+    assert dc.label(Column("ddrm-srldm", 5)) == "DDRM-SRLDM (fails: checkerboard)"  # whatever its options
+    assert dc.label(Column("ddrm", 5, report=True)) == "DDRM (report)"
+    # key options always, others only when set away from the registry's default
+    eta = method_options("ddrm")["eta"]
+    assert dc.settings(Column("ddrm", 7)) == f"7 steps, eta={eta}"
+    assert dc.settings(Column("ddrm", 7, {"eta_b": 0.5})) == f"7 steps, eta={eta}, eta_b=0.5"
+    assert dc.settings(Column("ddrm", 7, {"eta_b": method_options("ddrm")["eta_b"]})) == f"7 steps, eta={eta}"
+    assert dc.settings(Column("ddnm", 3)) == "3 steps"
+
+
+def test_columns_of_named_methods_and_step_overrides():
+    from diffrestore import demo_columns as dc
+    from diffrestore.methods import get_method
+
+    cols = dc.columns(["ddrm", "ddnm"], True, {"ddnm": 4})
+    assert [(c.method, c.steps, dict(c.options), c.report) for c in cols] == [
+        ("ddrm", 20, {"eta": 0.85, "eta_b": 1.0}, True), ("ddnm", 4, {}, False)
+    ]  # fmt: skip
+    cols = dc.columns(None, False, {"*": 3})
+    assert [(c.method, c.steps) for c in cols] == [("ddrm", 3), ("diffpir", 3), ("ddrm-ldm", 3), ("srldm", 3)]
+    assert dc.columns(["pigdm"], False, {})[0].steps == get_method("pigdm").default_steps
+
+
+@pytest.mark.parametrize(
+    "tasks, title",
+    [
+        (["sr4"], "baseline (no model):\nbicubic upscaling"),
+        (["sr4", "noisy-sr4", "sr4-bicubic"], "baseline (no model):\nbicubic upscaling"),
+        (["deblur"], "baseline (no model):\nthe input as is"),
+        (["colorize"], "baseline (no model):\ngrey input in RGB"),
+        (["sr4", "deblur"], "baseline (no model):\nnamed under each image"),
+    ],
+)
+def test_baseline_title_per_task(tasks, title):
+    from diffrestore import demo_columns as dc
+
+    assert dc.baseline_title(tasks) == title
+
+
+def test_baseline_descriptions_say_what_the_baseline_computes():
+    """The words match what ``Task.baseline`` does: bicubic interpolation of y, y itself, y in every channel."""
+    import torch.nn.functional as F
+
+    from diffrestore import demo_columns as dc
+    from diffrestore.operators.tasks import make_task
+
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    sr4, denoise, colorize = (make_task(t, (3, 16, 16)) for t in ("sr4", "denoise", "colorize"))
+    y = sr4.measure(x)
+    assert torch.allclose(sr4.baseline(y), F.interpolate(y, size=(16, 16), mode="bicubic", align_corners=False).clamp(-1, 1))
+    y = denoise.measure(x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(denoise.baseline(y), y.reshape(x.shape).clamp(-1, 1))  # the noisy input as is
+    grey = x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    assert torch.allclose(colorize.baseline(colorize.measure(x)), grey, atol=1e-6)
+    assert dc.baseline_note(["sr4", "deblur", "noisy-sr4", "colorize"]) == (
+        "baseline (no model): sr4, noisy-sr4: bicubic upscaling; deblur: the input as is; colorize: grey input in RGB"
+    )
+
+
+def test_help_names_the_sets_and_steps_the_demo_runs():
+    """``demo --help`` is written without importing the demo (no torch): check its lists against the sets."""
+    from diffrestore import demo_columns as dc
+
+    sub = next(a for a in cli.build_parser()._actions if getattr(a, "choices", None) and "demo" in a.choices)
+    helps = {a.dest: a.help for a in sub.choices["demo"]._actions}
+    user, report = (",".join(c.method for c in s) for s in (dc.USER_COLUMNS, dc.REPORT_COLUMNS))
+    assert f"(default: {user}; with --report: {report})" in helps["methods"]
+    by_steps: dict[int, list[str]] = {}
+    for c in dict((c.method, c) for c in (*dc.USER_COLUMNS, *dc.REPORT_COLUMNS)).values():
+        by_steps.setdefault(c.steps, []).append(c.method)
+    for steps, methods in by_steps.items():
+        assert f"{', '.join(methods)} {steps}" in helps["steps"], (steps, methods)

@@ -298,23 +298,35 @@ def cmd_report(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="restore a few sample photos with every method and task: a comparison grid, a metrics table",
+        help="restore a few sample photos with the recommended methods: a comparison grid, a metrics table",
         description="Restore scikit-image's bundled sample photos (astronaut, coffee, chelsea, rocket; no download) "
-        "for the tasks sr4, deblur, denoise, noisy-sr4 with ddrm (pixel prior) and srldm, ddrm-srldm, ddrm-ldm "
-        "(latent prior), and write OUT/demo_grid.png, OUT/metrics.md, OUT/metrics.csv, OUT/summary.json and the "
-        "images in OUT/images/. PSNR/SSIM are computed on the saved 8-bit PNGs. Methods whose built-in prior is "
-        "not trained yet are skipped with a warning (unless named with --methods).",
+        "for the tasks sr4, deblur, denoise, noisy-sr4 with the methods a user should pick: ddrm, diffpir (pixel "
+        "prior), ddrm-ldm and srldm with its consistency step (latent prior); --report shows the report's "
+        "comparison instead, its two failing setups labelled. Writes OUT/demo_grid.png (columns titled with "
+        "method, steps and options; the baseline named per task), OUT/metrics.md, OUT/metrics.csv, "
+        "OUT/summary.json and the images in OUT/images/. PSNR/SSIM are computed on the saved 8-bit PNGs. Methods "
+        "whose built-in prior is not trained yet are skipped with a warning (unless named with --methods).",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--images", type=int, default=2, help="number of sample photos, 1-4 (default 2: the whole demo stays under 10 minutes on 2 CPU cores)")
     p.add_argument("--size", type=int, default=256, help="photos are centre-cropped and resized to SIZE (default 256)")
-    p.add_argument("--methods", default=None, help="comma-separated methods (default: ddrm,srldm,ddrm-srldm,ddrm-ldm)")
+    p.add_argument(
+        "--report", action="store_true",
+        help="show the report's comparison (srldm, ddrm, ddrm-srldm with the report's options, and ddrm-ldm) instead "
+        "of the recommended methods; srldm and ddrm-srldm are labelled as the setups the report found to fail",
+    )  # fmt: skip
+    p.add_argument(
+        "--methods", default=None,
+        help="comma-separated methods (default: ddrm,diffpir,ddrm-ldm,srldm; with --report: srldm,ddrm,ddrm-srldm,ddrm-ldm); "
+        "a method of the chosen set keeps its options there, another runs with its defaults",
+    )  # fmt: skip
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default: sr4,deblur,denoise,noisy-sr4)")
     p.add_argument(
         "--steps", default=None,
-        help="N for every method, or per method, e.g. ddrm:10,srldm:25 (default: ddrm 20, srldm 50, ddrm-srldm 20, ddrm-ldm 50)",
+        help="N for every method, or per method, e.g. ddrm:10,srldm:25 (default: ddrm, diffpir, ddrm-srldm 20; "
+        "ddrm-ldm, srldm 50; another method its registry default)",
     )  # fmt: skip
-    p.add_argument("--pixel-prior", default=None, metavar="SPEC", help=f"pixel prior for ddrm (default {DEFAULT_PRIORS['pixel']})")
+    p.add_argument("--pixel-prior", default=None, metavar="SPEC", help=f"pixel prior for ddrm and diffpir (default {DEFAULT_PRIORS['pixel']})")
     p.add_argument("--latent-prior", default=None, metavar="SPEC", help=f"latent SR prior (default {DEFAULT_PRIORS['latent']})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -335,6 +347,7 @@ def cmd_demo(args) -> int:
         images=args.images,
         size=args.size,
         methods=parse_list(args.methods, "--methods"),
+        report=args.report,
         tasks=parse_list(args.tasks, "--tasks"),
         steps=parse_steps(args.steps),
         pixel_prior=args.pixel_prior,

@@ -1,21 +1,27 @@
-"""``diffrestore demo``: restore a few real photos with every method and show the results side by side.
+"""``diffrestore demo``: restore a few real photos with the recommended methods and show the results side by side.
+
+What is shown (``demo_columns``): by default the methods a user should pick; with ``report`` the
+report's comparison, whose two failing setups are labelled as such in the grid and the table.
 
 The photos are scikit-image's bundled samples (``skimage.data.astronaut``, ``coffee``, ``chelsea``,
 ``rocket``: shipped with the package, no download), prepared as the evaluation prepares its images
 (``evaluation.data.center_crop_resize``: centre square crop, bilinear resize to ``--size``). For each
 (photo, task) the clean photo is degraded once, with a generator seeded from
 ``pipeline.image_seed(seed, photo + '#measurement')`` exactly as ``diffrestore evaluate`` does; the
-task's baseline (``Task.baseline``) and then every method (``pipeline.run_method``, seed
-``image_seed(seed, photo)``) restore that one measurement.
+task's baseline (``Task.baseline``, named per task in its caption and in ``metrics.md``) and then
+every method (``pipeline.run_method`` with the column's options, seed ``image_seed(seed, photo)``)
+restore that one measurement.
 
 Outputs in OUT (every file written atomically):
 
 * ``images/{photo}_clean.png``, ``images/{photo}_{task}_degraded.png`` (the measurement as an image:
   64x64 for sr4 at 256), ``images/{photo}_{task}_baseline.png``, ``images/{photo}_{task}_{method}.png``;
 * ``demo_grid.png``: one row per (photo, task), columns clean | degraded | baseline | methods, each
-  column titled, each cell captioned with its PSNR (the best of the row in bold);
-* ``metrics.md`` / ``metrics.csv``: task | method | steps | PSNR | SSIM | seconds per image, averaged
-  over the photos, the baseline first within each task;
+  column titled (a method's title: name, tags such as ``fails: colour drift``, steps, options), each
+  cell captioned with its PSNR (the best of the row in bold; the baseline's caption names it);
+* ``metrics.md`` / ``metrics.csv``: task | method (and its label) | steps | options | PSNR | SSIM | seconds per image,
+  averaged over the photos, the baseline first within each task; metrics.md also says what the
+  baseline is per task and why a failing setup fails;
 * ``summary.json``: settings, skipped methods, per-restoration records, the table, the grid layout,
   wall time and peak memory (written last: its presence means the demo finished).
 
@@ -47,19 +53,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffrestore import io, resources, runtime
-from diffrestore.methods import METHODS, get_method
+from diffrestore import demo_columns, io, resources, runtime
+from diffrestore.demo_columns import Column
+from diffrestore.methods import check_frozen_graphs, get_method
+from diffrestore.operators.tasks import get_task_spec
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 TASKS = ("sr4", "deblur", "denoise", "noisy-sr4")
-METHOD_ORDER = ("ddrm", "srldm", "ddrm-srldm", "ddrm-ldm")
-#: demo step counts (DDRM 20, the latent samplers 50, ddrm-srldm its registry default)
-DEFAULT_STEPS = {"ddrm": 20, "srldm": 50, "ddrm-srldm": METHODS["ddrm-srldm"].default_steps, "ddrm-ldm": 50}
 BASELINE = "baseline"
 GRID_CELL_PX = 192
 GRID_LABEL_PX = 100
-CSV_FIELDS = ("task", "method", "steps", "n_images", "psnr", "ssim", "seconds_per_image")
+GRID_COL_TITLE_PX = 76  # four lines of a column title
+REPORT_TITLE = " --report (the report's comparison)"
+CSV_FIELDS = ("task", "method", "label", "steps", "options", "n_images", "psnr", "ssim", "seconds_per_image")
 METRIC_NOTE = "PSNR (dB) and SSIM against the clean photo, computed on the saved 8-bit PNGs"
 
 
@@ -72,7 +79,8 @@ class DemoSpec:
     out: Path
     images: int = 2
     size: int = 256
-    methods: list[str] | None = None  # None: every method of METHOD_ORDER whose prior is available
+    methods: list[str] | None = None  # None: every method of the chosen set whose prior is available
+    report: bool = False  # the report's comparison (demo_columns.REPORT_COLUMNS) instead of the recommended methods
     tasks: list[str] | None = None
     steps: dict[str, int] = field(default_factory=dict)  # {"*": N} and/or {method: N}
     pixel_prior: str | None = None
@@ -92,12 +100,19 @@ class DemoPlan:
     spec: DemoSpec
     photos: list[tuple[str, torch.Tensor]]  # (name, (1, 3, size, size) clean image on the CPU)
     tasks: dict  # name -> Task
-    methods: list[str]
-    steps: dict[str, int]
+    columns: list[Column]  # the methods, in order, with their steps and options
     priors: dict  # kind -> prior
     prior_specs: dict[str, str]
     skipped: list[dict]
     started: float
+
+    @property
+    def methods(self) -> list[str]:
+        return [c.method for c in self.columns]
+
+    @property
+    def steps(self) -> dict[str, int]:
+        return {c.method: c.steps for c in self.columns}
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,13 +147,6 @@ def _builtin_missing(spec: str) -> str | None:
     return next((n for n in notes if f"{name!r}" in n), f"builtin prior {name!r} is incomplete")
 
 
-def _resolve_steps(methods: list[str], steps: dict[str, int]) -> dict[str, int]:
-    unknown = [m for m in steps if m != "*" and m not in METHODS]
-    if unknown:
-        raise DemoError(f"--steps: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    return {m: steps.get(m, steps.get("*", DEFAULT_STEPS.get(m, get_method(m).default_steps))) for m in methods}
-
-
 def prepare(spec: DemoSpec) -> DemoPlan:
     """Validate the spec, load the priors and the photos. Raises DemoError / ValueError (one line)."""
     from diffrestore.operators.tasks import TASKS as TASK_SPECS
@@ -154,12 +162,11 @@ def prepare(spec: DemoSpec) -> DemoPlan:
     resources.check_pixels(spec.size, spec.size, spec.max_pixels, f"--size {spec.size}")
     spec = replace(spec, device=str(resources.resolve_device(spec.device)))
     explicit = spec.methods is not None
-    methods = list(dict.fromkeys(spec.methods)) if explicit else list(METHOD_ORDER)
-    for m in methods:
-        get_method(m)  # unknown method -> ValueError naming the choices
+    columns = demo_columns.columns(spec.methods, spec.report, spec.steps)  # unknown method / option
+    methods = [c.method for c in columns]
+    check_frozen_graphs(methods, spec.frozen_graphs)
     task_names = list(dict.fromkeys(spec.tasks)) if spec.tasks is not None else list(TASKS)
     tasks = {t: make_task(t, (3, spec.size, spec.size)) for t in task_names}  # unknown task / bad size
-    steps = _resolve_steps(methods, spec.steps)
     budget = resources.memory_budget(spec.max_memory, spec.device)
     separable = any(TASK_SPECS[t].separable for t in tasks)
     for m in methods:
@@ -190,17 +197,17 @@ def prepare(spec: DemoSpec) -> DemoPlan:
             prior_specs[kind], device=spec.device, dtype=None if dtype == "fp32" else dtype, kind=kind,
             adm_config=adm_config, frozen_graphs=spec.frozen_graphs,
         )  # fmt: skip
-    methods = [m for m in methods if get_method(m).prior in priors]
-    for m in methods:
-        prior = priors[get_method(m).prior]
-        resolve_steps(m, steps[m], prior)
+    columns = [c for c in columns if get_method(c.method).prior in priors]
+    for c in columns:
+        m, prior = c.method, priors[get_method(c.method).prior]
+        resolve_steps(m, c.steps, prior)
         for t, task in tasks.items():
             factor = max(1, spec.size // task.operator.measurement_shape[-1])
             multiple = lcm(factor, prior_multiple(prior))
             if spec.size % multiple:
                 raise DemoError(f"--size {spec.size} does not suit {m} on {t}: the image side must be a multiple of {multiple}")
     photos = [(name, load_photo(name, spec.size)) for name in PHOTOS[: spec.images]]
-    return DemoPlan(spec, photos, tasks, methods, steps, priors, prior_specs, skipped, started)
+    return DemoPlan(spec, photos, tasks, columns, priors, prior_specs, skipped, started)
 
 
 def warn_skipped(plan: DemoPlan) -> None:
@@ -224,10 +231,6 @@ def _metrics(x_hat: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
     from diffrestore.evaluation.metrics import psnr, ssim
 
     return {"psnr": float(psnr(x_hat, clean, quantize=True)[0]), "ssim": float(ssim(x_hat, clean, quantize=True)[0])}
-
-
-def _col_title(method: str, steps: int) -> str:
-    return f"{method}\n{steps} steps"
 
 
 def execute(plan: DemoPlan, written: list[Path]) -> dict:
@@ -265,12 +268,12 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
                 base = task.baseline(y)
                 seconds = time.perf_counter() - start
                 cells = [(BASELINE, 0, base.clamp(-1, 1), seconds)]
-                for method in plan.methods:
-                    bar.set_postfix_str(f"{name} {task_name} {method}", refresh=True)
+                for col in plan.columns:
+                    bar.set_postfix_str(f"{name} {task_name} {col.method}", refresh=True)
                     x_hat, seconds, _ = run_method(
-                        method, plan.priors, task, y, steps=plan.steps[method], seed=image_seed(spec.seed, name)
+                        col.method, plan.priors, task, y, steps=col.steps, seed=image_seed(spec.seed, name), **col.options
                     )
-                    cells.append((method, plan.steps[method], x_hat.detach().float().clamp(-1, 1), seconds))
+                    cells.append((col.method, col.steps, x_hat.detach().float().clamp(-1, 1), seconds))
                     bar.update(1)
                 row["cells"] = []
                 for method, steps, x_hat, seconds in cells:
@@ -300,9 +303,13 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
             "size": spec.size,
             "seed": spec.seed,
             "tasks": list(plan.tasks),
+            "report": spec.report,
             "methods": plan.methods,
             "steps": plan.steps,
-            "options": {m: method_options(m) for m in plan.methods},  # every method runs its recommended defaults
+            # every option each column ran with: the registry's recommended defaults, then the column's own
+            "options": {c.method: {**method_options(c.method), **dict(c.options)} for c in plan.columns},
+            "labels": {c.method: demo_columns.label(c) for c in plan.columns},
+            "baselines": {t: get_task_spec(t).baseline_description for t in plan.tasks},
             "priors": {k: v for k, v in plan.prior_specs.items() if k in plan.priors},
             **({"adm_config": spec.adm_config} if spec.adm_config is not None and "pixel" in plan.priors else {}),
             "device": str(spec.device),
@@ -348,13 +355,15 @@ def _table(records: list[dict], plan: DemoPlan) -> list[dict]:
     """One row per (task, method), averaged over the photos; the baseline first within each task."""
     rows = []
     for task in plan.tasks:
-        for method in [BASELINE, *plan.methods]:
+        for method, col in [(BASELINE, None), *((c.method, c) for c in plan.columns)]:
             rs = [r for r in records if r["task"] == task and r["method"] == method]
             n = len(rs)
             rows.append({
                 "task": task,
                 "method": method,
+                "label": demo_columns.label(col) if col else f"baseline: {get_task_spec(task).baseline_description}",
                 "steps": rs[0]["steps"],
+                "options": demo_columns.format_options(demo_columns.shown_options(col)) if col else "",
                 "n_images": n,
                 "psnr": math.fsum(r["psnr"] for r in rs) / n,
                 "ssim": math.fsum(r["ssim"] for r in rs) / n,
@@ -381,16 +390,21 @@ def metrics_markdown(table: list[dict], plan: DemoPlan) -> str:
         "- priors: " + ", ".join(f"{k} `{v}`" for k, v in plan.prior_specs.items() if k in plan.priors),
         f"- {METRIC_NOTE}; mean over {len(plan.photos)} photo(s); time: the method alone, seconds per image on {spec.device}",
     ]
+    lines.append(f"- {demo_columns.baseline_note(list(plan.tasks))}")
+    for c in plan.columns:
+        why = demo_columns.failure(c)
+        if why:
+            lines.append(f"- {demo_columns.label(c)}: expected to fail{' (the report found it)' if c.report else ''}: {why[1]}")
     if plan.skipped:
         lines.append("- skipped: " + "; ".join(f"{s['method']} ({s['reason']})" for s in plan.skipped))
     lines += [
         "",
-        "| Task | Method | Steps | PSNR (dB) | SSIM | Time per image (s) |",
-        "|:--|:--|--:|--:|--:|--:|",
+        "| Task | Method | Steps | Options | PSNR (dB) | SSIM | Time per image (s) |",
+        "|:--|:--|--:|:--|--:|--:|--:|",
     ]
     for r in table:
-        steps = "—" if r["method"] == BASELINE else str(r["steps"])
-        lines.append(f"| {r['task']} | {r['method']} | {steps} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['seconds_per_image']:.3g} |")
+        steps, opts = ("—", "—") if r["method"] == BASELINE else (str(r["steps"]), r["options"] or "defaults")
+        lines.append(f"| {r['task']} | {r['label']} | {steps} | {opts} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['seconds_per_image']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -407,14 +421,15 @@ def _draw_grid(rows: list[dict], plan: DemoPlan, path: Path) -> dict:
 
     out = Path(plan.spec.out)
     columns = ["clean", "degraded", BASELINE, *plan.methods]
-    titles = ["clean", "degraded", "baseline"] + [_col_title(m, plan.steps[m]) for m in plan.methods]
+    titles = ["clean", "degraded", demo_columns.baseline_title(list(plan.tasks))] + [demo_columns.title(c) for c in plan.columns]
     cells, captions, bold = [], [], set()
     for r, row in enumerate(rows):
         scored = row["cells"]  # baseline, then the methods
         h, w = row["degraded_size"]
         deg = f"{row['degraded_psnr']:.2f} dB" if row["degraded_psnr"] is not None else f"input {w}x{h}"
         cells.append([_read_png(out / row["clean"]), _read_png(out / row["degraded"])] + [_read_png(out / c["file"]) for c in scored])
-        captions.append(["reference", deg] + [f"{c['psnr']:.2f} dB" for c in scored])
+        base = f"{get_task_spec(row['task']).baseline_description}: {scored[0]['psnr']:.2f} dB"
+        captions.append(["reference", deg, base] + [f"{c['psnr']:.2f} dB" for c in scored[1:]])
         best = max(range(len(scored)), key=lambda k: scored[k]["psnr"])
         bold.add((r, 2 + best))
     labels = [f"{row['image']}\n{row['task']}" for row in rows]
@@ -425,14 +440,18 @@ def _draw_grid(rows: list[dict], plan: DemoPlan, path: Path) -> dict:
         row_labels=labels,
         captions=captions,
         bold=bold,
-        title=f"diffrestore demo: PSNR against the clean photo (best of each row in bold), {plan.spec.size}x{plan.spec.size}",
+        title=f"diffrestore demo{REPORT_TITLE if plan.spec.report else ''}: PSNR against the clean photo (best of each row "
+        f"in bold), {plan.spec.size}x{plan.spec.size}",
         cell_px=GRID_CELL_PX,
         label_px=GRID_LABEL_PX,
+        col_title_px=GRID_COL_TITLE_PX,
     )
     return {
         "file": path.name,
         "rows": [[row["image"], row["task"]] for row in rows],
         "columns": columns,
+        "titles": titles,
+        "captions": captions,
         "size_px": list(geo.size),
         "cell_px": geo.cell,
     }

@@ -282,10 +282,12 @@ class GridGeometry:
     GAP_PX = 6
     MARGIN_PX = 6
 
-    def __init__(self, nrows: int, ncols: int, *, cell_px: int, label_px: int, captions: bool, title: bool):
+    def __init__(
+        self, nrows: int, ncols: int, *, cell_px: int, label_px: int, captions: bool, title: bool, col_title_px: int | None = None
+    ):
         self.nrows, self.ncols, self.cell = int(nrows), int(ncols), int(cell_px)
         self.left = int(label_px)
-        self.top = (self.TITLE_PX if title else self.MARGIN_PX) + self.COL_TITLE_PX
+        self.top = (self.TITLE_PX if title else self.MARGIN_PX) + int(col_title_px or self.COL_TITLE_PX)
         self.row_px = self.cell + (self.CAPTION_PX if captions else 0)
         width = self.left + self.ncols * self.cell + (self.ncols - 1) * self.GAP_PX + self.MARGIN_PX
         height = self.top + self.nrows * self.row_px + (self.nrows - 1) * self.GAP_PX + self.MARGIN_PX
@@ -308,6 +310,7 @@ def draw_image_grid(
     title: str | None = None,
     cell_px: int = 160,
     label_px: int = 90,
+    col_title_px: int | None = None,
     dpi: int = 100,
 ) -> GridGeometry:
     """Draw a grid of images (``cells[r][c]``: an (H, W[, 3]) array, uint8 or float in [0, 1], or None
@@ -317,7 +320,8 @@ def draw_image_grid(
 
     Images fill their square cell (nearest-neighbour, so a small measurement shows its pixels).
     Returns the :class:`GridGeometry`: the PNG is exactly ``geometry.size`` pixels and cell (r, c)
-    is drawn inside ``geometry.box(r, c)``.
+    is drawn inside ``geometry.box(r, c)``. ``col_title_px``: the height of the column titles' band
+    (default ``GridGeometry.COL_TITLE_PX``, two lines), for titles of more lines.
     """
     from matplotlib.figure import Figure
 
@@ -325,8 +329,9 @@ def draw_image_grid(
     if len(row_labels) != nrows or any(len(row) != ncols for row in cells):
         raise ValueError(f"grid of {nrows} rows x {ncols} columns needs {nrows} row labels and {ncols} cells per row")
     geo = GridGeometry(
-        max(1, nrows), ncols, cell_px=cell_px, label_px=label_px, captions=captions is not None, title=title is not None
-    )
+        max(1, nrows), ncols, cell_px=cell_px, label_px=label_px, captions=captions is not None, title=title is not None,
+        col_title_px=col_title_px,
+    )  # fmt: skip
     width, height = geo.size
     # +0.25 px: the canvas is int(inches * dpi) pixels, so float rounding cannot lose a pixel
     fig = Figure(figsize=((width + 0.25) / dpi, (height + 0.25) / dpi), dpi=dpi)

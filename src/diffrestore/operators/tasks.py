@@ -34,7 +34,13 @@ from .denoise import Identity
 from .inpaint import Inpainting, mask_from_image, random_mask
 from .superres import BicubicSR, BlockAverageSR
 
-BASELINES = ("bicubic", "degraded", "replicate")
+#: each baseline in a few words, for figure titles, tables and help
+BASELINE_DESCRIPTIONS = {
+    "bicubic": "bicubic upscaling",
+    "degraded": "the input as is",
+    "replicate": "grey input in RGB",
+}
+BASELINES = tuple(BASELINE_DESCRIPTIONS)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,11 @@ class TaskSpec:
     baseline: str
     params: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+
+    @property
+    def baseline_description(self) -> str:
+        """What the task's baseline is, in a few words (``BASELINE_DESCRIPTIONS``)."""
+        return BASELINE_DESCRIPTIONS[self.baseline]
 
     @property
     def separable(self) -> bool:
