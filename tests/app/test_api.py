@@ -112,7 +112,9 @@ def test_preset_paper_runs_the_published_options(photo):
     from diffrestore.methods import method_options
 
     settings = dict(task="sr4", steps=2, seed=1, degrade=True)
-    paper, plain, default = run(photo, preset="paper", **settings), run(photo, consistency=False, **settings), run(photo, **settings)
+    # the paper preset also runs in fp32 (the default precision is auto)
+    paper, plain = run(photo, preset="paper", **settings), run(photo, consistency=False, dtype="fp32", **settings)
+    default = run(photo, **settings)
     assert np.array_equal(np.asarray(paper.image), np.asarray(plain.image))
     assert not np.array_equal(np.asarray(paper.image), np.asarray(default.image))
     assert paper.record["options"] == method_options("ddrm", paper=True) and paper.record["options"]["consistency"] is False
