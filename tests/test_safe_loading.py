@@ -264,11 +264,7 @@ def test_lpips_weights(evil, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "source",
     [
-        pytest.param("pytorch-fid", marks=pytest.mark.xfail(
-            strict=True, raises=pickle.UnpicklingError,
-            reason="inception._load_net lets torch's refusal (UnpicklingError, many lines) escape: needs "
-            "pickle.UnpicklingError and EOFError among the errors it turns into InceptionUnavailable",
-        )),
+        "pytorch-fid",
         "torchscript",
     ],
 )  # fmt: skip

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -355,7 +356,7 @@ def _load_net(source: str, path: str, device: str) -> nn.Module:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, ValueError) as e:
+        except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
             raise InceptionUnavailable(f"{path}: cannot read ({type(e).__name__}); get weights with {HOW_TO_GET}") from None
         net = FIDInceptionV3()
         net.load_pytorch_fid_state_dict(state)
