@@ -65,10 +65,8 @@ __all__ = ["restore", "check_values"]
 
 
 #: default ``rho`` of the ``consistency`` option: about the error of a DDRM output that already beats
-#: its measurement, so the blend never leans on a noisy measurement much. Held-out photos 100-115 of
-#: imagenet-sample-500, builtin:pixel-s, gain over one plain sample: denoise (100-107) +0.27 dB at
-#: 0.05, +0.31 at 0.03, -0.8 at 0.08 and -3.2 at 0.15 (first 100); noisy sr4 +0.05 at 0.05, +0.14 at
-#: 0.1-0.2. Set it to the output's expected error for the task.
+#: its measurement, so the blend never leans on a noisy measurement much (measured per task in
+#: docs/results/2026-12-03-defaults.md). Set it to the output's expected error for the task.
 CONSISTENCY_RHO = 0.05
 
 

@@ -3,8 +3,8 @@
 
 The report's hybrid (``ddrm_srldm``) forces a latent model to act as a pixel denoiser and collapses.
 Here the diffusion state stays in the latent space the model was trained on, and the measurement is
-enforced where it lives — in pixel space, on the decoded *clean* estimate — in the spirit of
-DDNM / ReSample / PSLD. One DDIM step from ``z_t`` (grid and constants as ``methods.ddim``):
+enforced where it lives, in pixel space, on the decoded *clean* estimate (in the spirit of
+DDNM / ReSample / PSLD). One DDIM step from ``z_t`` (grid and constants as ``methods.ddim``):
 
 1. ``e = eps_theta(z_t, t, lr)``, ``z0 = (z_t - sqrt(1 - a_t) e) / sqrt(a_t)``  (lr: the measurement
    as SRLDM conditions on it)
@@ -15,44 +15,20 @@ DDNM / ReSample / PSLD. One DDIM step from ``z_t`` (grid and constants as ``meth
        v_i <- v_i + w_i (ybar_i - v_i),   w_i = tau_t^2 / (tau_t^2 + sigma_y^2 / s_i^2),
 
    where ``tau_t^2 = (1 - a_t) / a_t + rho^2`` is the assumed error variance of the prior's estimate
-   (its diffusion noise level plus a floor ``rho``, default 0.3: on held-out photos 200-202 of
-   imagenet-sample-500, noisy sr4 with ``builtin:ldmsr-s``, 0.3 beat 0.1 by 0.5 dB and 0.2 by 0.1 dB,
-   and 0.5 was no better). Unobserved rows (null space of H) keep the prior's
-   values. For ``sigma_y = 0`` this is the range–null-space projection ``A^+ y + (I - A^+ A) x0``.
+   (its diffusion noise level plus a floor ``rho``). Unobserved rows (null space of H) keep the prior's
+   values. For ``sigma_y = 0`` this is the range-null-space projection ``A^+ y + (I - A^+ A) x0``.
    ``x0c = V v``.
 4. re-encode ``z0c = E(x0c)``, recompute the matching noise ``e_c = (z_t - sqrt(a_t) z0c) / sqrt(1 - a_t)``
    and take the DDIM step ``z_{t'} = sqrt(a_{t'}) z0c + sqrt(1 - a_{t'} - s^2) e_c + s n``.
 
-The output is ``x0c`` of the last step (not clamped, like DDRM's), so it satisfies the measurement (exactly for noiseless
-tasks); the orthogonal projection onto ``{x : Hx = y}`` never moves an estimate away from any image
-consistent with y, so for noiseless tasks it can only lower the error of the decoded estimate.
-``start`` < 1 (default 0.5) begins at ``t = start * T`` from ``E(x_init)`` diffused to that level, with
-``x_init`` the bicubic-upsampled conditioning after step 3 (``srldm.initial_latent``): the noisiest steps,
-where a small latent model's eps is least reliable (its x0 at t = T is ~11 dB on a photo where its
-conditioning alone gives ~30), are replaced by what the measurement already says.
-``stop`` > 0 ends the steps at ``t = stop * T`` (the grid spans ``(stop T, start T]``, same number of
-steps) and returns that step's ``x0c``: an estimate of the posterior *mean* instead of a sample. Along
-a full trajectory the consistent estimates gain PSNR until mid-way and lose it in the low-noise steps,
-where a small latent UNet adds detail it gets wrong (``builtin:ldmsr-s``, sr4, eta 0, held-out photos
-200-205 of imagenet-sample-500: 26.45 dB at t = 441, 25.33 dB at t = 1; bicubic 25.91). ``stop`` is
-the perception–distortion knob: 0 for a full sample, 0.4 (default) for PSNR. On the first 100 photos
-(``evaluate --first 100``, 50 steps, bf16) stop 0.4 beat stop 0 in PSNR *and* FID: sr4 26.49 dB / FID
-89.1 against 25.12 / 103.4 (bicubic 26.28 / 106.7), noisy sr4 25.23 / 127.6 against 24.08 / 141.8
-(bicubic 25.28 / 139.2) — the late samples' detail was wrong enough to cost FID as well.
-How high the best ``stop`` lies depends on how good the prior's clean estimate is at high noise. A
-v-prediction UNet (``builtin:ldmsr-xs``) predicts it directly; there it is close to the UNet's regression
-of ``z0`` on the conditioning, a posterior mean. An epsilon UNet (``ldmsr-s``) gets it by dividing out
-``sqrt(a_t)``, which multiplies its noise error by ``sqrt((1 - a_t) / a_t)`` (3.6 at t = 600). With
-``ldmsr-xs`` on held-out photos 100-115 (50 steps, bf16, PSNR over bicubic; ``start = stop + 0.2`` except
-the default pair 0.5 / 0.4): sr4 +0.55 / +0.62 / +0.72 at stop 0.4 / 0.5 / 0.6, noisy sr4 +0.33 / +0.38 /
-+0.45 / +0.49 / +0.49 at stop 0.4 / 0.5 / 0.6 / 0.7 / 0.8. On the first 100, ``start 0.8, stop 0.6`` gave
-noisy sr4 25.31 dB / FID 126.7 against 25.23 / 126.9 with the default (bicubic 25.28 / 139.2; better on
-92 of the 100 photos) and sr4 26.62 / 90.5 against 26.49 / 91.0 (bicubic 26.28 / 106.7). With ``ldmsr-s``
-the same pair loses (held-out 100-107, noisy sr4: +0.07 against +0.23 with the default), so the defaults
-stay those of ``ldmsr-s``, the default prior; use ``start=0.8, stop=0.6`` with v-prediction priors. The returned
-``x0c`` is blended with ``tau = rho`` (the estimate is a clean one, its diffusion noise term is gone;
-for ``stop`` = 0 the two differ by < 1%): on the same photos, noisy sr4, stop 0.4, that is 25.50 dB
-against 25.36 with ``tau_t`` (bicubic 25.21; 0.2 gave 25.38, 0.4 25.49).
+The output is ``x0c`` of the last step (not clamped, like DDRM's), blended with ``tau = rho``, so it
+satisfies the measurement (exactly for noiseless tasks). ``start`` < 1 begins at ``t = start * T`` from
+the encoded, consistent bicubic upsampling of the measurement diffused to that level, replacing the
+noisiest steps, where a small latent model is least reliable. ``stop`` > 0 ends the steps at
+``t = stop * T`` and returns that step's ``x0c``: an estimate of the posterior mean instead of a sample
+(the perception-distortion knob: 0 for a full sample). Defaults (rho 0.3, start 0.5, stop 0.4) suit the
+epsilon-prediction ``builtin:ldmsr-s``; ``start=0.8, stop=0.6`` suits v-prediction priors such as
+``builtin:ldmsr-xs``. The measurements behind these choices are in docs/methods.md.
 Cost per step: one UNet call, one decode, one encode.
 """
 
