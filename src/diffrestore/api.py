@@ -55,6 +55,9 @@ def run(
     device: str = "cpu",
     dtype: str | None = "auto",
     adm_config: dict | None = None,
+    tile: int | None = None,
+    overlap: int | None = None,
+    max_memory: str | None = None,
     callback: Callable | None = None,
     preset: str | None = None,
     **options,
@@ -75,6 +78,10 @@ def run(
         device, dtype: where and in which precision the network runs ("auto": bf16 where the device
             computes it natively, else fp32, as the CLI; "fp32", "bf16", "fp16"; "paper" preset: fp32).
         adm_config: ADM hyper-parameters the checkpoint's weights do not give (the CLI's --adm-config).
+        tile, overlap: run the network on overlapping tiles of this side (0: never; None: only when the
+            image would not fit in memory), as the CLI's --tile / --overlap.
+        max_memory: the memory a run may plan to use, e.g. "8G" (default: 80% of what is available);
+            a larger estimate is refused before any model is loaded, as in the CLI.
         callback: called once per network evaluation with a ``methods.common.StepInfo``.
         preset: "paper" for the published method's own option values; None or "recommended" for the
             ones that measured better (``diffrestore methods`` shows both).
@@ -83,8 +90,9 @@ def run(
     import torch
 
     from diffrestore.methods import check_options, get_method, preset_options
+    from diffrestore import resources
+    from diffrestore.operators.tasks import check_task, get_task_spec, measurement_factor
     from diffrestore.runtime import pick_dtype
-    from diffrestore.operators.tasks import make_task
     from diffrestore.pipeline import (
         prepare_measurement, quality_record, resolve_steps, restore_measurement, std_map_image, used_options,
     )
@@ -93,8 +101,19 @@ def run(
     given = {**preset_options(info.name, preset), **check_options(info.name, {**options, "samples": samples})}
     overrides = {k: v for k, v in (("sigma_y", sigma_y), ("blur_sigma", blur_sigma), ("scale", scale)) if v is not None}
     resolve_steps(info.name, steps)  # the prior's limit is checked again once it is loaded
-    make_task(task, (3, 64, 64), **overrides)  # validates the task name and its parameters
+    check_task(task, **overrides)
+    if tile is not None or overlap is not None:
+        from diffrestore.priors.tiled import check_tiling, default_overlap
+
+        if tile != 0:
+            size = tile or resources.DEFAULT_TILE
+            check_tiling(size, default_overlap(size) if overlap is None else overlap)
     x, as_tensor = _to_tensor(image)
+    factor = 1 if degrade else measurement_factor(task, **overrides)
+    h, w = x.shape[-2] * factor, x.shape[-1] * factor
+    resources.check_memory(h, w, resources.memory_budget(max_memory, str(device)), samples=samples, kind=info.prior,
+                           separable=get_task_spec(task).separable,
+                           tile=None if tile == 0 else (tile or resources.DEFAULT_TILE), what=f"{h}x{w} restored")
     mask_t = None if mask is None else _to_tensor(mask)[0][0]
     spec = str(prior) if prior is not None else _default_prior(info.prior)
     if preset == "paper" and dtype == "auto":
@@ -108,7 +127,7 @@ def run(
     measurement = prepare_measurement(x[0], image_id=image_id, task_name=task, overrides=overrides, prior=loaded,
                                       degrade=degrade, mask=mask_t, seed=seed, device=device)
     result = restore_measurement(measurement, method=info.name, prior=loaded, steps=steps, seed=seed,
-                                 image_id=image_id, callback=callback, method_kwargs=given)
+                                 image_id=image_id, callback=callback, method_kwargs=given, tile=tile, overlap=overlap)
     record = {
         "method": info.name, "task": task, "prior": spec, "steps": result.steps,
         "options": used_options(info.name, given), "seed": seed, "sigma_y": result.task.sigma_y,

@@ -55,18 +55,12 @@ class RestoreJob:
         return PROBLEMS[problem]
 
     def check_size(self, path: str, task: str, overrides: dict) -> None:
-        """Refuse an image whose restoration would exceed ``max_output_pixels`` (header only)."""
-        from PIL import Image, UnidentifiedImageError
+        """Refuse an image whose restoration would exceed ``max_output_pixels`` (read from the header)."""
+        from diffrestore.operators.tasks import measurement_factor
+        from diffrestore.resources import image_size
 
-        from diffrestore.operators.tasks import make_task
-
-        try:
-            with Image.open(path) as img:
-                w, h = img.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-            raise ValueError(f"{Path(path).name}: not a readable image") from None
-        probe = make_task(task, (3, 64, 64), **overrides).operator
-        factor = 64 // probe.measurement_shape[-1]
+        w, h = image_size(path)
+        factor = measurement_factor(task, **overrides)
         if w * h * factor * factor > self.max_output_pixels:
             raise ValueError(
                 f"the restored image would be {w * factor}x{h * factor}, over this page's limit of "

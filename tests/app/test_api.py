@@ -123,3 +123,32 @@ def test_preset_paper_runs_the_published_options(photo):
     assert default.record["consistency_raw"] < 1e-3 < paper.record["consistency_raw"]
     with pytest.raises(ValueError, match="unknown preset"):
         run(photo, preset="fast", **settings)
+
+
+def test_tiles_as_large_as_the_image_change_nothing_and_small_tiles_run(photo):
+    """``tile=`` reaches the tiled prior (as the CLI's --tile): a tile covering the image is the plain
+    call bit for bit; tiles smaller than the image still give the whole image."""
+    from diffrestore import run
+
+    settings = dict(task="denoise", steps=2, seed=3, dtype="fp32")
+    plain, covering, small = run(photo, **settings), run(photo, tile=64, **settings), run(photo, tile=16, overlap=4, **settings)
+    assert np.array_equal(np.asarray(plain.image), np.asarray(covering.image))
+    assert small.image.size == plain.image.size
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(small.image))
+
+
+@pytest.mark.parametrize(
+    "kwargs,says",
+    [(dict(samples=200000), "needs about"), (dict(tile=8, overlap=4), "overlap must be"), (dict(max_memory="1M"), "needs about")],
+)
+def test_resource_guards_refuse_before_any_model_loads(photo, monkeypatch, kwargs, says):
+    """The CLI's memory estimate and tile checks guard the API too, before any prior is loaded."""
+    from diffrestore import api
+
+    def no_loading(*_a, **_k):
+        raise AssertionError("a prior was loaded")
+
+    monkeypatch.setattr(api, "load_prior_cached", no_loading)
+    with pytest.raises(ValueError) as e:
+        api.restore(photo, task="denoise", steps=1, **kwargs)
+    assert says in str(e.value)
