@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from diffrestore import io, resources, runtime
+from diffrestore import io, resources
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 # torch is imported inside the commands: the checks that refuse a command cheaply run before it loads

@@ -32,7 +32,6 @@ import numpy as np
 
 from diffrestore import io
 from diffrestore.evaluation.runner import (
-    BASELINE,
     FIGURE_IMAGES,
     EvalError,
     cell_dir,
