@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from diffrestore.evaluation.data import find_images, load_eval_image
-from diffrestore.evaluation.inception import inception_features, load_inception
-from diffrestore.evaluation.metrics import fid_from_features, psnr
+from diffrestore.metrics.inception import inception_features, load_inception
+from diffrestore.metrics.quality import fid_from_features, psnr
 from diffrestore.methods.ddrm_ldm import spectral_consistency
 from diffrestore.operators.tasks import make_task
 from diffrestore.priors.loading import load_prior

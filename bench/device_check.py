@@ -184,7 +184,7 @@ def time_network(prior, method: str, size: int, head: dict, batches, step_list, 
     import torch
 
     from diffrestore.operators.tasks import make_task
-    from diffrestore.pipeline import run_method
+    from diffrestore.restoration import run_method
 
     task = make_task("sr4", (3, size, size))
     priors = {"pixel": prior, "latent": prior}

@@ -13,10 +13,10 @@ import time
 import torch
 
 from diffrestore.evaluation.data import find_images, load_eval_image
-from diffrestore.evaluation.metrics import psnr, ssim
+from diffrestore.metrics.quality import psnr, ssim
 from diffrestore.methods import get_method
 from diffrestore.operators.tasks import make_task
-from diffrestore.pipeline import make_generator, measure_image
+from diffrestore.restoration import make_generator, measure_image
 from diffrestore.priors.loading import load_prior
 
 VARIANTS = {"default": {}, "official_output": {"official_output": True}, "init=noise-matched": {"init": "noise-matched"}}

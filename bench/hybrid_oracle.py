@@ -25,7 +25,7 @@ import math
 import torch
 
 from diffrestore.evaluation.data import choose_subset, find_images, load_eval_image
-from diffrestore.evaluation.metrics import psnr
+from diffrestore.metrics.quality import psnr
 from diffrestore.priors.base import ldm_alphas_cumprod
 
 

@@ -54,10 +54,10 @@ def make_inputs(photo: Path, folder: Path) -> dict[tuple[str, str], Path]:
 def child(argv: list[str]) -> None:
     """Run ``diffrestore restore argv`` in this process and print the method's CPU seconds (``BENCH`` line):
     on a shared machine CPU time is what a run costs, wall time also counts the other processes."""
-    from diffrestore import cli, pipeline
+    from diffrestore import cli, restoration
 
     cpu = []
-    run_method = pipeline.run_method
+    run_method = restoration.run_method
 
     def timed(*a, **k):
         start = time.process_time()
@@ -65,7 +65,7 @@ def child(argv: list[str]) -> None:
         cpu.append(time.process_time() - start)
         return out
 
-    pipeline.run_method = timed
+    restoration.run_method = timed
     code = cli.main(argv)
     print("BENCH " + json.dumps({"cpu": sum(cpu)}))
     raise SystemExit(code)

@@ -59,7 +59,7 @@ def child(cfg: dict) -> dict:
 
     from diffrestore import runtime
     from diffrestore.operators.tasks import make_task
-    from diffrestore.pipeline import run_method
+    from diffrestore.restoration import run_method
     from diffrestore.priors.loading import load_prior
 
     torch.set_num_threads(cfg["threads"])

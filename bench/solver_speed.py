@@ -4,7 +4,7 @@ Every method whose registry entry (``diffrestore.methods.METHODS``) has prior ``
 the same measurement (a real photo, or a smooth random image without ``../shared``) with the same
 prior, task, step count and seed. After one warm-up call per method, each repeat runs every
 method once, in turn (interleaved, so that load from other processes hits all alike); a method's
-per-step cost in a repeat is its wall time (``pipeline.run_method``: the method call alone, setup
+per-step cost in a repeat is its wall time (``restoration.run_method``: the method call alone, setup
 of its operator quantities included) over the step count, and its ratio is that over DDRM's in the
 same repeat. The table shows the medians over repeats. A method that fails is listed with its error.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from diffrestore.methods import METHODS  # noqa: E402
 from diffrestore.operators.tasks import make_task  # noqa: E402
-from diffrestore.pipeline import measure_image, run_method  # noqa: E402
+from diffrestore.restoration import measure_image, run_method  # noqa: E402
 from diffrestore.priors.loading import load_prior  # noqa: E402
 
 REFERENCE = "ddrm"

@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from diffrestore.evaluation import metrics  # noqa: E402
-from diffrestore.evaluation.lpips import LPIPSUnavailable, lpips  # noqa: E402
+from diffrestore.metrics import quality as metrics  # noqa: E402
+from diffrestore.metrics.lpips import LPIPSUnavailable, lpips  # noqa: E402
 from diffrestore.evaluation.data import choose_subset, find_images, load_eval_image  # noqa: E402
 from diffrestore.operators.tasks import make_task  # noqa: E402
-from diffrestore.pipeline import image_seed, measure_image, run_method  # noqa: E402
+from diffrestore.restoration import image_seed, measure_image, run_method  # noqa: E402
 from diffrestore.priors.loading import load_prior  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-500"

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from diffrestore.cli import main
-from diffrestore.io import read_image
+from diffrestore.image_io import read_image
 
 REPORT_TASKS = ["sr4", "deblur", "denoise", "noisy-sr4"]
 
@@ -203,7 +203,7 @@ def test_samples_of_a_latent_method_write_the_spread_map(tmp_path, photo, ldm):
     so that white is STD_MAP_WHITE, and the record keeps its statistics."""
     from PIL import Image
 
-    from diffrestore.pipeline import STD_MAP_WHITE
+    from diffrestore.restoration import STD_MAP_WHITE
 
     out = tmp_path / "out"
     assert main(["restore", str(photo), "--task", "sr4", "--method", "srldm", "--prior", ldm, "--steps", "3",

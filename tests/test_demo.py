@@ -179,9 +179,9 @@ def test_grid_has_one_cell_per_row_and_column_showing_the_saved_pngs(run):
 
 def test_measurement_uses_the_evaluation_seeding(run):
     from diffrestore.evaluation.data import center_crop_resize
-    from diffrestore.io import pil_to_rgb, uint8_to_tensor
+    from diffrestore.image_io import pil_to_rgb, uint8_to_tensor
     from diffrestore.operators.tasks import make_task
-    from diffrestore.pipeline import image_seed, make_generator
+    from diffrestore.restoration import image_seed, make_generator
     import skimage.data
 
     out, _ = run
@@ -266,7 +266,7 @@ def test_a_named_method_whose_builtin_prior_is_untrained_is_an_error(tmp_path, c
 
 
 def test_a_failed_run_leaves_no_partial_output(tmp_path, capsys, builtins, monkeypatch):
-    from diffrestore import pipeline
+    from diffrestore import restoration
 
     calls = []
 
@@ -274,7 +274,7 @@ def test_a_failed_run_leaves_no_partial_output(tmp_path, capsys, builtins, monke
         calls.append(1)
         raise FloatingPointError("ddrm produced non-finite values")
 
-    monkeypatch.setattr(pipeline, "run_method", failing)
+    monkeypatch.setattr(restoration, "run_method", failing)
     out = tmp_path / "out"
     rc = cli.main(["demo", "--out", str(out), "--size", "32", "--tasks", "sr4", "--no-progress", *builtins])
     assert rc == 2 and calls == [1]
@@ -322,11 +322,11 @@ def test_default_srldm_runs_with_its_consistency_step(run):
 @pytest.fixture(scope="module")
 def report_run(priors, tmp_path_factory):
     """``demo --report`` on sr4 only, recording what each method was called with."""
-    from diffrestore import pipeline
+    from diffrestore import restoration
 
     out = tmp_path_factory.mktemp("demo_report") / "out"
     calls: dict[str, dict] = {}
-    real = pipeline.run_method
+    real = restoration.run_method
 
     def spy(method, *args, **kwargs):
         calls[method] = kwargs
@@ -335,7 +335,7 @@ def report_run(priors, tmp_path_factory):
     argv = ["demo", "--report", "--out", str(out), "--images", "1", "--size", "64", "--tasks", "sr4", "--steps", "2",
             "--seed", str(SEED), "--pixel-prior", priors["pixel"], "--latent-prior", priors["latent"], "--no-progress"]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "run_method", spy)
+        mp.setattr(restoration, "run_method", spy)
         assert cli.main(argv) == 0
     return out, calls
 

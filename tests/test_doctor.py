@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from diffrestore import doctor
-from diffrestore.evaluation import inception, lpips
+from diffrestore.metrics import inception, lpips
 
 
 def _by_name(rows):

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffrestore import io, resources
+from diffrestore import image_io, resources
 from diffrestore.operators.blur import conv_matrix
 from diffrestore.operators.tasks import check_task, measurement_factor
-from diffrestore.pipeline import resolve_steps
+from diffrestore.restoration import resolve_steps
 
 
 @pytest.mark.parametrize("text, expected", [("8G", 8 * 2**30), ("8GiB", 8 * 2**30), ("500MB", 500 * 10**6),
@@ -93,20 +93,20 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # the camera was turned: show the stored image rotated 90 degrees clockwise
     Image.fromarray(a).save(tmp_path / "turned.png", exif=exif)
-    np.testing.assert_array_equal(np.asarray(io.open_rgb(tmp_path / "turned.png")), np.rot90(a, k=-1))
-    x = io.read_image(tmp_path / "turned.png")
+    np.testing.assert_array_equal(np.asarray(image_io.open_rgb(tmp_path / "turned.png")), np.rot90(a, k=-1))
+    x = image_io.read_image(tmp_path / "turned.png")
     assert x.shape == (3, 24, 10)
-    np.testing.assert_array_equal(np.asarray(io.open_rgb(tmp_path / "turned.png", exif=False)), a)
+    np.testing.assert_array_equal(np.asarray(image_io.open_rgb(tmp_path / "turned.png", exif=False)), a)
 
 
 def test_float_image_with_non_finite_values_is_refused(tmp_path):
     a = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     Image.fromarray(a, mode="F").save(tmp_path / "fine.tif")
-    assert io.read_image(tmp_path / "fine.tif").shape == (3, 8, 8)
+    assert image_io.read_image(tmp_path / "fine.tif").shape == (3, 8, 8)
     a[2, 3], a[5, 5] = np.nan, -np.inf
     Image.fromarray(a, mode="F").save(tmp_path / "bad.tif")
-    with pytest.raises(io.ImageReadError, match=r"bad.tif: 2 of its 64 pixels are NaN or infinite"):
-        io.read_image(tmp_path / "bad.tif")
+    with pytest.raises(image_io.ImageReadError, match=r"bad.tif: 2 of its 64 pixels are NaN or infinite"):
+        image_io.read_image(tmp_path / "bad.tif")
 
 
 def test_steps_resolved_and_bounded_by_the_schedule():

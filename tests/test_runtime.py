@@ -41,7 +41,7 @@ RESTORE = """
 import hashlib, json, sys, torch, diffrestore
 from diffrestore import runtime
 from diffrestore.operators.tasks import make_task
-from diffrestore.pipeline import run_method
+from diffrestore.restoration import run_method
 from diffrestore.priors.loading import load_prior
 torch.set_num_threads(1)
 prior = load_prior(sys.argv[1], adm_config={"num_head_channels": 16}, dtype="fp32")

@@ -251,7 +251,7 @@ def _uncached_refusal(cached, error: type, load) -> None:
 
 
 def test_lpips_weights(evil, tmp_path, monkeypatch):
-    from diffrestore.evaluation import lpips
+    from diffrestore.metrics import lpips
 
     payload, marker = evil
     path = tmp_path / "alexnet.ckpt"
@@ -269,7 +269,7 @@ def test_lpips_weights(evil, tmp_path, monkeypatch):
     ],
 )  # fmt: skip
 def test_inception_weights(evil, tmp_path, monkeypatch, source):
-    from diffrestore.evaluation import inception
+    from diffrestore.metrics import inception
 
     payload, marker = evil
     path = tmp_path / f"inception-{source}.pth"

@@ -93,7 +93,7 @@ def run(
     from diffrestore import resources
     from diffrestore.operators.tasks import check_task, get_task_spec, measurement_factor
     from diffrestore.runtime import pick_dtype
-    from diffrestore.pipeline import (
+    from diffrestore.restoration import (
         prepare_measurement, quality_record, resolve_steps, restore_measurement, std_map_image, used_options,
     )
 
@@ -172,16 +172,16 @@ def _to_tensor(image):
     import torch
     from PIL import Image
 
-    from diffrestore import io
+    from diffrestore import image_io
 
     if isinstance(image, (str, Path)):
-        return io.read_image(image).unsqueeze(0), False
+        return image_io.read_image(image).unsqueeze(0), False
     if isinstance(image, Image.Image):
-        return io.uint8_to_tensor(np.asarray(io.pil_to_rgb(image))).unsqueeze(0), False
+        return image_io.uint8_to_tensor(np.asarray(image_io.pil_to_rgb(image))).unsqueeze(0), False
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"a numpy image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-        return io.uint8_to_tensor(image).unsqueeze(0), False
+        return image_io.uint8_to_tensor(image).unsqueeze(0), False
     if isinstance(image, torch.Tensor):
         t = image.detach().float().cpu()
         t = t.unsqueeze(0) if t.dim() == 3 else t
@@ -196,6 +196,6 @@ def _to_tensor(image):
 def _to_pil(t):
     from PIL import Image
 
-    from diffrestore import io
+    from diffrestore import image_io
 
-    return Image.fromarray(io.tensor_to_uint8(t))
+    return Image.fromarray(image_io.tensor_to_uint8(t))

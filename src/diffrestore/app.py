@@ -95,7 +95,7 @@ class RestoreJob:
         """The uploaded image for the page, or a one-line error for a file that is not one."""
         from PIL import Image
 
-        from diffrestore.io import read_image, tensor_to_uint8
+        from diffrestore.image_io import read_image, tensor_to_uint8
 
         if not path:
             return None, ""
@@ -105,7 +105,7 @@ class RestoreJob:
             return None, f"diffrestore: error: {e}"
 
     def _write(self, path, task, method, result) -> list[str]:
-        from diffrestore.io import atomic_write_json
+        from diffrestore.image_io import atomic_write_json
 
         self.jobs += 1
         folder = self.out_root / f"job{self.jobs}"
@@ -124,7 +124,7 @@ def _upsampled_input(path: str, size: tuple[int, int]):
     """The input at the output's size (bicubic), so the before/after slider lines up."""
     from PIL import Image
 
-    from diffrestore.io import pil_to_rgb
+    from diffrestore.image_io import pil_to_rgb
 
     with Image.open(path) as img:
         rgb = pil_to_rgb(img)

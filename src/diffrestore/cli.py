@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from diffrestore import io, resources
+from diffrestore import image_io, resources
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 # torch is imported inside the commands: the checks that refuse a command cheaply run before it loads
@@ -371,7 +371,7 @@ def cmd_demo(args) -> int:
             torch.set_num_threads(args.threads)
         plan = demo.prepare(spec)  # every user error is raised here, before anything is written
         demo.warn_skipped(plan)
-        with io.writing_into(spec.out, subdirs=("images",)) as written:
+        with image_io.writing_into(spec.out, subdirs=("images",)) as written:
             summary = demo.execute(plan, written)
     finally:
         torch.set_num_threads(threads)

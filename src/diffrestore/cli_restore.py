@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffrestore import io, resources, runtime
+from diffrestore import image_io, resources, runtime
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 from diffrestore.cli import (
     DTYPE_CHOICES, DTYPE_HELP, CLIError, add_run_options, add_tile_options, check_tile_options, parse_adm_config,
@@ -123,13 +123,13 @@ def _estimate_tile(args) -> int | None:
 def cmd_restore(args) -> int:
     sizes = _restore_early_checks(args)
     # decoded before torch loads and before anything is written: a bad file costs a fraction of a second
-    pictures = [(Path(p), io.open_rgb(p, args.max_pixels)) for p in args.images]
-    mask_picture = io.open_rgb(args.mask, args.max_pixels) if args.mask else None
+    pictures = [(Path(p), image_io.open_rgb(p, args.max_pixels)) for p in args.images]
+    mask_picture = image_io.open_rgb(args.mask, args.max_pixels) if args.mask else None
 
     import torch
 
     from diffrestore.methods import check_frozen_graphs, check_options, get_method, method_options, preset_options
-    from diffrestore.pipeline import restore_file_inputs
+    from diffrestore.restoration import restore_file_inputs
     from diffrestore.priors.loading import load_prior
 
     device = resources.resolve_device(args.device)
@@ -158,12 +158,12 @@ def cmd_restore(args) -> int:
     _restore_checks(args, info, overrides, device, sizes, samples=method_kwargs.get("samples", 1))
     steps = args.steps if args.steps is not None else info.default_steps
 
-    images = [(p, io.rgb_to_tensor(img)) for p, img in pictures]
-    mask = io.rgb_to_tensor(mask_picture) if mask_picture is not None else None
+    images = [(p, image_io.rgb_to_tensor(img)) for p, img in pictures]
+    mask = image_io.rgb_to_tensor(mask_picture) if mask_picture is not None else None
     out = Path(args.out)
     dtype_name = runtime.pick_dtype(args.dtype or ("fp32" if args.preset == "paper" else "auto"), device)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-    with io.writing_into(out) as written:
+    with image_io.writing_into(out) as written:
         prior = load_prior(args.prior, device=str(device), dtype=dtype, adm_config=adm_config, frozen_graphs=args.frozen_graphs)
         kind = "latent" if hasattr(prior, "encode") else "pixel"
         if kind != info.prior:

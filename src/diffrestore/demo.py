@@ -7,9 +7,9 @@ The photos are scikit-image's bundled samples (``skimage.data.astronaut``, ``cof
 ``rocket``: shipped with the package, no download), prepared as the evaluation prepares its images
 (``evaluation.data.center_crop_resize``: centre square crop, bilinear resize to ``--size``). For each
 (photo, task) the clean photo is degraded once, with a generator seeded from
-``pipeline.image_seed(seed, photo + '#measurement')`` exactly as ``diffrestore evaluate`` does; the
+``restoration.image_seed(seed, photo + '#measurement')`` exactly as ``diffrestore evaluate`` does; the
 task's baseline (``Task.baseline``, named per task in its caption and in ``metrics.md``) and then
-every method (``pipeline.run_method`` with the column's options, seed ``image_seed(seed, photo)``)
+every method (``restoration.run_method`` with the column's options, seed ``image_seed(seed, photo)``)
 restore that one measurement.
 
 Outputs in OUT (every file written atomically):
@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffrestore import demo_columns, io, resources, runtime
+from diffrestore import demo_columns, image_io, resources, runtime
 from diffrestore.demo_columns import Column
 from diffrestore.methods import check_frozen_graphs, get_method
 from diffrestore.operators.tasks import get_task_spec
@@ -128,8 +128,8 @@ def load_photo(name: str, size: int) -> torch.Tensor:
 
     from diffrestore.evaluation.data import center_crop_resize
 
-    img = io.pil_to_rgb(Image.fromarray(getattr(skimage.data, name)()))
-    return io.uint8_to_tensor(np.asarray(center_crop_resize(img, size))).unsqueeze(0)
+    img = image_io.pil_to_rgb(Image.fromarray(getattr(skimage.data, name)()))
+    return image_io.uint8_to_tensor(np.asarray(center_crop_resize(img, size))).unsqueeze(0)
 
 
 def _builtin_missing(spec: str) -> str | None:
@@ -151,7 +151,7 @@ def prepare(spec: DemoSpec) -> DemoPlan:
     """Validate the spec, load the priors and the photos. Raises DemoError / ValueError (one line)."""
     from diffrestore.operators.tasks import TASKS as TASK_SPECS
     from diffrestore.operators.tasks import make_task
-    from diffrestore.pipeline import lcm, prior_multiple, resolve_steps
+    from diffrestore.restoration import lcm, prior_multiple, resolve_steps
     from diffrestore.priors.loading import load_prior
 
     started = time.perf_counter()
@@ -228,7 +228,7 @@ def warn_skipped(plan: DemoPlan) -> None:
 
 
 def _metrics(x_hat: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
-    from diffrestore.evaluation.metrics import psnr, ssim
+    from diffrestore.metrics.quality import psnr, ssim
 
     return {"psnr": float(psnr(x_hat, clean, quantize=True)[0]), "ssim": float(ssim(x_hat, clean, quantize=True)[0])}
 
@@ -239,14 +239,14 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
     from tqdm import tqdm
 
     from diffrestore.methods import method_options
-    from diffrestore.pipeline import image_seed, measure_image, run_method
+    from diffrestore.restoration import image_seed, measure_image, run_method
 
     spec = plan.spec
     out, images_dir = Path(spec.out), Path(spec.out) / "images"
     images_dir.mkdir(exist_ok=True)
 
     def save(name: str, x: torch.Tensor) -> str:
-        io.write_image(images_dir / name, x)
+        image_io.write_image(images_dir / name, x)
         written.append(images_dir / name)
         return f"images/{name}"
 
@@ -287,9 +287,9 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
         bar.close()
 
     table = _table(records, plan)
-    io.atomic_write_text(out / "metrics.csv", metrics_csv(table))
+    image_io.atomic_write_text(out / "metrics.csv", metrics_csv(table))
     written.append(out / "metrics.csv")
-    io.atomic_write_text(out / "metrics.md", metrics_markdown(table, plan))
+    image_io.atomic_write_text(out / "metrics.md", metrics_markdown(table, plan))
     written.append(out / "metrics.md")
     grid = _draw_grid(grid_rows, plan, out / "demo_grid.png")
     written.append(out / "demo_grid.png")
@@ -335,7 +335,7 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
         "wall_seconds": wall,
         "peak_rss_mib": peak_rss_mib(),
     }
-    io.atomic_write_json(out / "summary.json", summary)
+    image_io.atomic_write_json(out / "summary.json", summary)
     written.append(out / "summary.json")
     return summary
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from diffrestore.cli import main
-from diffrestore.io import read_image
+from diffrestore.image_io import read_image
 
 TINY_ADM_CONFIG = {"num_head_channels": 16}
 

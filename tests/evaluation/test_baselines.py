@@ -26,7 +26,7 @@ import test_runner_fakes as fx
 from diffrestore import cli
 from diffrestore.evaluation import runner
 from diffrestore.evaluation.data import load_eval_image
-from diffrestore.pipeline import image_seed
+from diffrestore.restoration import image_seed
 
 N, SIZE, SEED = 5, 256, 0
 TASKS = ["sr4", "deblur", "denoise", "noisy-sr4"]

@@ -8,7 +8,7 @@ import torch
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from diffrestore.evaluation.metrics import (
+from diffrestore.metrics.quality import (
     MetricInputError,
     fid_from_features,
     frechet_distance,
@@ -17,7 +17,7 @@ from diffrestore.evaluation.metrics import (
     psnr,
     ssim,
 )
-from diffrestore.io import tensor_to_uint8, uint8_to_tensor
+from diffrestore.image_io import tensor_to_uint8, uint8_to_tensor
 
 
 def _sk_ssim(a, b, data_range=1.0):

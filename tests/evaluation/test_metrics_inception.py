@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from diffrestore.evaluation import inception as I
-from diffrestore.evaluation.metrics import fid_from_features
+from diffrestore.metrics import inception as I
+from diffrestore.metrics.quality import fid_from_features
 
 
 
@@ -177,7 +177,8 @@ def test_fid_imagenet_crops_vs_x4_bicubic(shared, torchscript_inception_path):
 
 def test_runner_feature_extractor_uses_the_real_network():
     """The evaluation harness's extractor on the real network equals inception_features directly."""
-    from diffrestore.evaluation import inception, runner
+    from diffrestore.evaluation import runner
+    from diffrestore.metrics import inception
 
     try:
         extract = runner.load_feature_extractor("cpu")

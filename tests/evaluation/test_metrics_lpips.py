@@ -15,8 +15,8 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from diffrestore.evaluation import lpips as L
-from diffrestore.io import uint8_to_tensor
+from diffrestore.metrics import lpips as L
+from diffrestore.image_io import uint8_to_tensor
 
 
 def _require_weights(net="alex"):

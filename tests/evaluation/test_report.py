@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import test_runner_fakes as fx
-from diffrestore import cli, pipeline
+from diffrestore import cli, restoration
 from diffrestore.evaluation import report, runner
 
 HEADER = "| Method | PSNR (dB) | PSNR-Y (dB) | SSIM | LPIPS | FID | Time (s/image) | Throughput (samples/s) |"
@@ -145,7 +145,7 @@ def test_report_rebuilds_everything_without_running_a_model(run, tmp_path, monke
     def no_model(*a, **k):
         raise AssertionError("report ran a model")
 
-    monkeypatch.setattr(pipeline, "run_method", no_model)
+    monkeypatch.setattr(restoration, "run_method", no_model)
     monkeypatch.setattr(runner, "run_method", no_model)
     monkeypatch.setattr(runner, "load_prior", no_model)
     monkeypatch.setattr(runner, "load_feature_extractor", no_model)

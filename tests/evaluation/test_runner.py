@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 import test_runner_fakes as fx
-from diffrestore.evaluation import metrics, runner
+from diffrestore.evaluation import runner
+from diffrestore.metrics import quality as metrics
 from diffrestore.evaluation.data import load_eval_image
 from diffrestore.operators.tasks import make_task
-from diffrestore.pipeline import image_seed, make_generator
+from diffrestore.restoration import image_seed, make_generator
 
 
 @pytest.fixture(scope="module")

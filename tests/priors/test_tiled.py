@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from diffrestore.operators.tasks import make_task
-from diffrestore.pipeline import make_generator, measure_image, run_method
+from diffrestore.restoration import make_generator, measure_image, run_method
 from diffrestore.priors import tiled
 from diffrestore.priors.base import LatentSRPrior, PixelPrior, adm_alphas_cumprod
 from diffrestore.priors.tiled import (
@@ -296,7 +296,7 @@ def _restore(photo, out, *extra):
 
 
 def test_cli_tile_options(tmp_path, photo, capsys):
-    from diffrestore.io import read_image
+    from diffrestore.image_io import read_image
 
     assert _restore(photo, tmp_path / "a", "--tile", "0") == 0
     assert _restore(photo, tmp_path / "b", "--tile", "96", "--overlap", "8") == 0

@@ -375,7 +375,7 @@ def test_cli_resume_takes_options_from_checkpoint(tmp_path, monkeypatch, module,
 def test_decoder_stage_lpips_term(data_dir, tmp_path, monkeypatch):
     """--lpips-weight adds w * LPIPS to the first step's loss (same batch, same start weights), is recorded
     in the recipe, and without the LPIPS weights installed is a one-line error before any training."""
-    from diffrestore.evaluation import lpips
+    from diffrestore.metrics import lpips
     from diffrestore.training.latent_sr import train_latent_sr
 
     try:

@@ -1,7 +1,7 @@
 """Evaluation images, prepared as DDRM prepares ImageNet: centre square crop, then resize.
 
 Pipeline per file: open -> RGB (greyscale, palette, RGBA, CMYK, 16-bit converted by
-``io.pil_to_rgb``) -> centre crop to a square whose side is the shorter side (i.e. the longer side
+``image_io.pil_to_rgb``) -> centre crop to a square whose side is the shorter side (i.e. the longer side
 is cropped) -> bilinear resize to ``size`` with antialiasing (PIL's BILINEAR filter widens its
 support when shrinking) -> [-1, 1] float tensor (3, size, size). EXIF orientation is not applied, as in
 the published protocols (torchvision's loader ignores it), so numbers stay comparable with theirs.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffrestore.io import open_rgb, uint8_to_tensor
+from diffrestore.image_io import open_rgb, uint8_to_tensor
 from diffrestore.resources import DEFAULT_MAX_PIXELS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffrestore import io
+from diffrestore import image_io
 from diffrestore.evaluation.runner import (
     FIGURE_IMAGES,
     EvalError,
@@ -83,7 +83,7 @@ class _Features:
 
     def save_cache(self) -> None:
         if self.dirty:
-            io.atomic_write_json(self.cache_path, self.cache)
+            image_io.atomic_write_json(self.cache_path, self.cache)
             self.dirty = False
 
     def clean(self) -> np.ndarray | None:
@@ -113,9 +113,9 @@ def _features_reason(run: Path) -> str:
 
 def _fid_kid(restored: np.ndarray, clean: np.ndarray) -> tuple[float | None, float | None, str | None]:
     try:
-        metrics = importlib.import_module("diffrestore.evaluation.metrics")
+        metrics = importlib.import_module("diffrestore.metrics.quality")
     except ImportError as e:
-        return None, None, f"n/a (diffrestore.evaluation.metrics is not available: {e})"
+        return None, None, f"n/a (diffrestore.metrics.quality is not available: {e})"
     if min(len(restored), len(clean)) < 2:
         return None, None, "n/a (FID needs at least 2 images)"
     try:
@@ -242,7 +242,7 @@ def compute_results(run: str | Path) -> dict:
 
 
 def _save_figure(fig, path: Path) -> None:
-    with io.atomic_path(path) as tmp:
+    with image_io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=fig.dpi)
 
 
@@ -477,10 +477,10 @@ def write_report(run: str | Path) -> dict:
     run = Path(run)
     results = compute_results(run)
     rows = [dict(r, task=t) for t, rs in results["tables"].items() for r in rs]
-    io.atomic_write_json(run / "results.json", results)
-    io.atomic_write_text(run / "tables.md", tables_markdown(results))
-    io.atomic_write_text(run / "tables.csv", to_csv(rows))
-    io.atomic_write_text(run / "fig7.csv", to_csv(results["fig7"]["points"]))
+    image_io.atomic_write_json(run / "results.json", results)
+    image_io.atomic_write_text(run / "tables.md", tables_markdown(results))
+    image_io.atomic_write_text(run / "tables.csv", to_csv(rows))
+    image_io.atomic_write_text(run / "fig7.csv", to_csv(results["fig7"]["points"]))
     figure4(results, run, run / "fig4_grid.png")
     figure6(results, run, run / "fig6_intermediates.png")
     figure7(results, run / "fig7_fid_throughput.png")

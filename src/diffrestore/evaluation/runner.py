@@ -85,11 +85,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffrestore import io, resources, runtime
+from diffrestore import image_io, resources, runtime
 from diffrestore.evaluation.data import check_images, choose_subset, find_images, load_eval_image
 from diffrestore.evaluation.distributed import Dist, from_env, launched_by_torchrun, spawn
 from diffrestore.methods import check_frozen_graphs, check_options, get_method, preset_options
-from diffrestore.pipeline import image_seed, lcm, measure_image, prior_multiple, resolve_steps, run_method, spread_stats
+from diffrestore.restoration import image_seed, lcm, measure_image, prior_multiple, resolve_steps, run_method, spread_stats
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 FORMAT = 1
@@ -187,7 +187,7 @@ def load_prior(spec: str, device: str, dtype: str, kind: str, adm_config: dict |
 def image_metrics(x_hat: torch.Tensor, ref: torch.Tensor) -> dict:
     """Full-reference metrics of one image (batch of 1, [-1, 1]): psnr, psnr_y, ssim and lpips, or
     ``lpips_note`` (how to get its weights) when LPIPS cannot be computed."""
-    return _import("diffrestore.evaluation.metrics", "the metrics module").full_reference(x_hat, ref)
+    return _import("diffrestore.metrics.quality", "the metrics module").full_reference(x_hat, ref)
 
 
 def load_feature_extractor(device: str):
@@ -195,7 +195,7 @@ def load_feature_extractor(device: str):
 
     Raises FeaturesUnavailable with the reason (shown in the FID column) when it cannot be built.
     """
-    from diffrestore.evaluation import inception
+    from diffrestore.metrics import inception
 
     try:
         model = inception.load_inception(device)
@@ -598,14 +598,14 @@ class RunLock:
 def open_run(plan: Plan) -> tuple[RunLock, bool]:
     """Create / claim the run folder and write config.json and files.txt. Returns (lock, created)."""
     run = plan.run
-    created = io.prepare_output_dir(run)
+    created = image_io.prepare_output_dir(run)
     lock = RunLock(run)
     try:
         if plan.fresh:
-            io.atomic_write_text(run / "files.txt", "".join(f + "\n" for f in plan.files))
+            image_io.atomic_write_text(run / "files.txt", "".join(f + "\n" for f in plan.files))
         if plan.skipped:
-            io.atomic_write_json(run / "skipped.json", plan.skipped)
-        io.atomic_write_json(run / "config.json", plan.config)
+            image_io.atomic_write_json(run / "skipped.json", plan.skipped)
+        image_io.atomic_write_json(run / "config.json", plan.config)
         for name in ("records.jsonl", "throughput.jsonl"):
             repair_tail(run / name)
     except BaseException:
@@ -744,7 +744,7 @@ def image_name(index: int, n_images: int) -> str:
 def _save_array(path: Path, **arrays) -> None:
     """Atomically write one array (.npy, key ``a``) or several (.npz)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with io.atomic_path(path) as tmp:
+    with image_io.atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             if path.suffix == ".npz":
                 np.savez(f, **arrays)
@@ -756,7 +756,7 @@ def _save_array(path: Path, **arrays) -> None:
 
 def _save_png(path: Path, x: torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    io.write_image(path, x)
+    image_io.write_image(path, x)
 
 
 class _Resources:
@@ -803,7 +803,7 @@ class _Resources:
                 self.extractor = load_feature_extractor(self.plan.device)
             except FeaturesUnavailable as e:
                 self.features_reason = str(e)
-            io.atomic_write_json(
+            image_io.atomic_write_json(
                 self.plan.run / "inception.json", {"available": self.extractor is not None, "reason": self.features_reason}
             )
         return self.extractor

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_path
+from ..image_io import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_write_json as _atomic_write_json
-from ..io import atomic_write_text as _atomic_write_text
+from ..image_io import atomic_write_json as _atomic_write_json
+from ..image_io import atomic_write_text as _atomic_write_text
 from .checkpoints import (
     CHECKPOINT_NAME,
     TrainingError,

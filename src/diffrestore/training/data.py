@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..evaluation.data import IMAGE_SUFFIXES
-from ..io import open_rgb
+from ..image_io import open_rgb
 from .checkpoints import TrainingError
 
 
@@ -44,7 +44,7 @@ def split_photos(files: list[Path], holdout_every: int = 28) -> tuple[list[Path]
 
 
 def load_photos(files: list[Path], min_short_side: int = 128, limit: int | None = None) -> list[Image.Image]:
-    """Decode photos into memory as 8-bit RGB PIL images as a viewer shows them (``io.open_rgb``), skipping
+    """Decode photos into memory as 8-bit RGB PIL images as a viewer shows them (``image_io.open_rgb``), skipping
     those with a short side below ``min_short_side`` (they would have to be upsampled); a file that cannot
     be used is a TrainingError."""
     out = []

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_path, atomic_write_bytes
+from ..image_io import atomic_path, atomic_write_bytes
 from ..priors._files import from_pretrained
 from ..priors.base import PREDICTION_TYPES, PriorLoadError, alphas_cumprod_from_betas, eps_from_v
 from .common import (
@@ -359,7 +359,7 @@ def _decoder_finetune_model(vae_dir: str):
 
 def _lpips_or_error(device):
     """The differentiable LPIPS-AlexNet module, or a one-line TrainingError saying how to install it."""
-    from diffrestore.evaluation.lpips import LPIPSUnavailable, load_lpips
+    from diffrestore.metrics.lpips import LPIPSUnavailable, load_lpips
 
     try:
         return load_lpips(str(device), "alex")

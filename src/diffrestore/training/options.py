@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import remove_if_empty
+from ..image_io import remove_if_empty
 from .checkpoints import CHECKPOINT_NAME, TrainingError, one_line, read_options
 
 PRECISIONS = {

@@ -5,7 +5,7 @@ Conventions
 * Images are float tensors in [-1, 1], shape (B, C, H, W) (a single (C, H, W) image is treated as
   B = 1). They are clamped to [-1, 1] and mapped to [0, 1] with ``(x + 1) / 2`` before any metric.
 * By default PSNR and SSIM are computed on those float values. ``quantize=True`` first rounds to
-  8 bits exactly as saving a PNG does (``io.tensor_to_uint8``: ``round((x + 1) * 127.5)``), then
+  8 bits exactly as saving a PNG does (``image_io.tensor_to_uint8``: ``round((x + 1) * 127.5)``), then
   divides by 255, so the numbers match metrics computed on saved files.
 * All arithmetic is in float64; results are float64 tensors of shape (B,) (one value per image).
 * FID and KID work on feature matrices (N, D) (e.g. Inception pool features from
@@ -68,12 +68,12 @@ def _pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def to_unit_range(x: torch.Tensor, quantize: bool = False) -> torch.Tensor:
     """[-1, 1] float images -> float64 in [0, 1]: clamp, then ``(x + 1) / 2``.
 
-    ``quantize=True`` rounds to 8 bits first, the way ``io.tensor_to_uint8`` writes PNGs:
+    ``quantize=True`` rounds to 8 bits first, the way ``image_io.tensor_to_uint8`` writes PNGs:
     ``round((clamp(x) + 1) * 127.5) / 255``.
     """
     x = x.detach().to(torch.float64).clamp(-1.0, 1.0)
     if quantize:
-        # Same float32 arithmetic as io.tensor_to_uint8, so the values are the saved PNG's.
+        # Same float32 arithmetic as image_io.tensor_to_uint8, so the values are the saved PNG's.
         q = ((x.to(torch.float32) + 1.0) * 127.5).round()
         return q.to(torch.float64) / 255.0
     return (x + 1.0) / 2.0
@@ -200,7 +200,7 @@ def lpips_or_note(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor | None
     Computed on the 8-bit (PNG) values of both images (``quantize=True``), so it equals LPIPS of the
     saved files; the network is loaded once per process and device (:func:`lpips.load_lpips`).
     """
-    from diffrestore.evaluation import lpips as _lpips
+    from diffrestore.metrics import lpips as _lpips
 
     x, y = _pair(x, y)
     try:

@@ -175,7 +175,7 @@ def prepare_measurement(img: torch.Tensor, *, image_id: str, task_name: str, ove
     """The measurement of one image (3, H, W) in [-1, 1]: the image itself, or (``degrade``) a clean
     image degraded with a draw seeded from (``seed``, ``image_id``). Sides are centre-cropped to what
     the task and prior take; with ``degrade`` they must stay big enough to score."""
-    from diffrestore.evaluation.metrics import SSIM_WINDOW
+    from diffrestore.metrics.quality import SSIM_WINDOW
     from diffrestore.operators.tasks import make_task, measurement_factor
 
     factor = measurement_factor(task_name, **overrides)
@@ -244,7 +244,7 @@ def quality_record(result: ImageResult) -> dict[str, float]:
     """How far the restoration and the task's baseline are from the measurement (``||H x - y||``;
     ``_raw``: before clamping, what the method itself enforces) and, with a clean image, PSNR (RGB
     and Y), SSIM and LPIPS of the restoration and PSNR / SSIM of the baseline."""
-    from diffrestore.evaluation.metrics import full_reference, psnr, ssim
+    from diffrestore.metrics.quality import full_reference, psnr, ssim
 
     op, y = result.task.operator, result.y
     baseline = result.task.baseline(y).clamp(-1, 1)
@@ -292,7 +292,7 @@ def restore_file_inputs(
     """
     from tqdm.auto import tqdm
 
-    from diffrestore import io
+    from diffrestore import image_io
     from diffrestore.progress import RestorationProgress
 
     stems = [p.stem for p, _ in images]
@@ -342,9 +342,9 @@ def restore_file_inputs(
             files[f"{stem}_{task_name}_degraded.png"] = result.task.operator.to_image(result.y)
             files[f"{stem}_clean.png"] = result.x
         for name, tensor in files.items():
-            io.write_image(out / name, tensor)
+            image_io.write_image(out / name, tensor)
             written.append(out / name)
-        io.atomic_write_json(out / f"{stem}_{task_name}_{method}.json", record)
+        image_io.atomic_write_json(out / f"{stem}_{task_name}_{method}.json", record)
         written.append(out / f"{stem}_{task_name}_{method}.json")
         records.append(record)
     return records
