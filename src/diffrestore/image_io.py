@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # numpy and torch are imported when needed, so a command can 
     import numpy as np
     import torch
 
+#: file-name suffixes (lower case) read as images wherever the package lists a folder of photos
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 

@@ -18,10 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffrestore.image_io import open_rgb, uint8_to_tensor
+from diffrestore.image_io import IMAGE_SUFFIXES, open_rgb, uint8_to_tensor
 from diffrestore.resources import DEFAULT_MAX_PIXELS
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:

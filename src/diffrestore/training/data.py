@@ -1,13 +1,9 @@
 """Training photos: decoded once into memory, served as random rescaled crops with flips.
 
-Evaluation images are ImageNet photos (about 500 px on the longer side) centre-cropped to a square and
-resized to 256, i.e. content shrunk by about 1.5-2.6x. The training photos have a short side of 256,
-so each crop is taken from the photo virtually rescaled to a short side drawn uniformly from
-``short_side`` (default [192, 256]); the rescale and the crop are one PIL ``resize(box=...)`` call
-(bicubic, antialiased), so no full-size resized copy is ever made.
-
-A deterministic hold-out (every ``holdout_every``-th photo in sorted name order) is never used for
-training; validation crops are drawn from it with a fixed seed.
+Each crop comes from the photo virtually rescaled to a short side drawn from ``short_side``, so the
+network sees content at the scales evaluation images have (ImageNet photos shrunk to 256 px); rescale
+and crop are one PIL ``resize(box=...)`` call, so no resized copy of a photo is ever made. Every
+``holdout_every``-th photo (sorted by name) is held out; validation crops are drawn from those.
 """
 
 from __future__ import annotations
@@ -19,8 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..evaluation.data import IMAGE_SUFFIXES
-from ..image_io import open_rgb
+from ..image_io import IMAGE_SUFFIXES, open_rgb
 from .checkpoints import TrainingError
 
 
