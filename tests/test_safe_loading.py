@@ -159,7 +159,7 @@ def test_training_checkpoint_through_the_train_command(evil, tmp_path):
 
 
 def test_training_checkpoint_through_the_trainer(evil, tmp_path):
-    from diffrestore.training.common import TrainingError
+    from diffrestore.training.checkpoints import TrainingError
     from diffrestore.training.pixel import train_pixel
 
     payload, marker = evil
@@ -172,13 +172,13 @@ def test_training_checkpoint_through_the_trainer(evil, tmp_path):
 
 def test_encoded_photo_cache_is_encoded_again(evil, tmp_path, monkeypatch):
     """The latent trainer's cache of encoded photos: a planted file is a cache miss, replaced."""
-    from diffrestore.training import latent_sr
+    from diffrestore.training import encoded_photos
 
     payload, marker = evil
     torch.save({"key": {}, "pixels": [payload], "latents": []}, tmp_path / "encoded_photos.pt")
-    fresh = latent_sr.EncodedPhotos([torch.zeros(3, 8, 8, dtype=torch.uint8)], [torch.zeros(3, 2, 2)])
-    monkeypatch.setattr(latent_sr.EncodedPhotos, "encode", classmethod(lambda cls, *a: fresh))
-    got = latent_sr.load_or_encode_photos(tmp_path, [None], None, "sha", (256,), "cpu", 0)
+    fresh = encoded_photos.EncodedPhotos([torch.zeros(3, 8, 8, dtype=torch.uint8)], [torch.zeros(3, 2, 2)])
+    monkeypatch.setattr(encoded_photos.EncodedPhotos, "encode", classmethod(lambda cls, *a: fresh))
+    got = encoded_photos.load_or_encode_photos(tmp_path, [None], None, "sha", (256,), "cpu", 0)
     assert got is fresh
     assert torch.load(tmp_path / "encoded_photos.pt", weights_only=True)["key"]["vae_sha256"] == "sha"
 

