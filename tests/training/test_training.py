@@ -184,7 +184,7 @@ def test_option_stages_read_older_logs_with_a_default(tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
-    checkpoints.save_checkpoint(path, {"step": 1})
+    checkpoints.save_run_checkpoint(path, {"step": 1})
 
     def broken_save(obj, f):
         f.write(b"partial")
@@ -192,9 +192,9 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        checkpoints.save_checkpoint(path, {"step": 2})
+        checkpoints.save_run_checkpoint(path, {"step": 2})
     monkeypatch.undo()
-    assert checkpoints.read_checkpoint(path)["step"] == 1
+    assert checkpoints.read_run_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 
 
@@ -406,11 +406,11 @@ def test_checkpoint_holds_only_what_weights_only_reads(tmp_path):
     path = tmp_path / "ck.pt"
     for bad in ({"options": {"seed": np.int64(3)}}, {"options": {"data": tmp_path}}, {"model_cfg": {1.5: "x"}}):
         with pytest.raises(TypeError):
-            checkpoints.save_checkpoint(path, bad)
+            checkpoints.save_run_checkpoint(path, bad)
     assert not path.exists()
     np_rng, gen = np.random.default_rng(7), torch.Generator().manual_seed(7)
     np_rng.random(3), torch.rand(3, generator=gen)
-    checkpoints.save_checkpoint(path, {"rng": checkpoints.rng_state(np_rng, gen)})
+    checkpoints.save_run_checkpoint(path, {"rng": checkpoints.rng_state(np_rng, gen)})
     state = torch.load(path, weights_only=True)["rng"]
     np2, gen2 = np.random.default_rng(0), torch.Generator()
     checkpoints.set_rng_state(np2, gen2, state)

@@ -241,10 +241,10 @@ def train_autoencoder(
 
     def checkpoint_fn(i: int, el: float):
         ae_norm = _normalised_ema(tr, stats_x)
-        validate = None if val_x is None else (  # what is shipped: normalised, rounded to fp16
+        val_fn = None if val_x is None else (  # what is shipped: normalised, rounded to fp16
             lambda: validate_autoencoder(copy.deepcopy(ae_norm).half().float(), val_x, tr.device)
         )
-        tr.save_and_validate(i, el, "autoencoder", options, last_val, validate)
+        tr.save_and_validate(i, el, "autoencoder", options, last_val, val_fn)
         if out_dir is not None:
             recipe = _autoencoder_recipe(tr, i, el, last_val, n_val, data, crop=crop, mse_weight=mse_weight,
                                          kl_weight=kl_weight, logvar_init=logvar_init)
@@ -364,10 +364,10 @@ def train_decoder(
     last_val: dict = {}
 
     def checkpoint_fn(i: int, el: float):
-        validate = None if val_x is None else (  # what is shipped: rounded to fp16
+        val_fn = None if val_x is None else (  # what is shipped: rounded to fp16
             lambda: validate_autoencoder(copy.deepcopy(tr.ema.model).half().float(), val_x, dev)
         )
-        tr.save_and_validate(i, el, "decoder", options, last_val, validate, vae_sha256=vae_sha)
+        tr.save_and_validate(i, el, "decoder", options, last_val, val_fn, vae_sha256=vae_sha)
         if out_dir is not None:
             _export_decoder(Path(out_dir) / "vae", tr, vae_dir, vae_sha, i, el, last_val, n_val, data, crop=crop,
                             margin=margin, mse_weight=mse_weight, lpips_weight=lpips_weight)

@@ -56,7 +56,7 @@ def check_plain(obj, where: str = "checkpoint") -> None:
         raise TypeError(f"{where}: a {type(obj).__name__} cannot be stored (plain values and tensors only)")
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+def save_run_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """``torch.save`` of ``state`` (plain values and tensors only, see :func:`check_plain`) to a temporary
     file beside ``path``, fsync, then rename over ``path``."""
     check_plain(state)
@@ -69,8 +69,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
             os.fsync(f.fileno())
 
 
-def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
-    """The dict stored in ``path`` by :func:`save_checkpoint`, read with ``weights_only=True``;
+def read_run_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """The dict stored in ``path`` by :func:`save_run_checkpoint`, read with ``weights_only=True``;
     TrainingError (one line) if it is missing, unreadable, or holds anything but plain values and tensors."""
     path = Path(path)
     if not path.is_file():
@@ -89,9 +89,9 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     return state
 
 
-def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict:
-    """:func:`read_checkpoint`, checked to hold everything a resume needs (of ``kind``, if given)."""
-    state = read_checkpoint(path)
+def load_run_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict:
+    """:func:`read_run_checkpoint`, checked to hold everything a resume needs (of ``kind``, if given)."""
+    state = read_run_checkpoint(path)
     wrong = [k for k, t in REQUIRED.items() if not isinstance(state.get(k), t)]
     if wrong:
         raise TrainingError(f"{path}: not a training checkpoint (missing or malformed: {', '.join(wrong)})")
@@ -102,7 +102,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict:
 
 def read_options(path: str | os.PathLike) -> dict:
     """The "options" record of the checkpoint ``path`` (what a plain ``--resume`` continues with)."""
-    options = read_checkpoint(path, mmap=True).get("options", {})
+    options = read_run_checkpoint(path, mmap=True).get("options", {})
     if not isinstance(options, dict):
         raise TrainingError(f"{path}: not a training checkpoint (malformed options)")
     return options

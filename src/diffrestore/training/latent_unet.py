@@ -221,10 +221,10 @@ def train_latent_unet(
     last_val: dict = {}
 
     def checkpoint_fn(i: int, el: float):
-        validate = None if val_x is None else (
+        val_fn = None if val_x is None else (
             lambda: validate_latent_unet(tr.ema.model, vae, val_x, ac, dev, prediction)
         )
-        tr.save_and_validate(i, el, "latent_unet", options, last_val, validate, vae_sha256=vae_sha)
+        tr.save_and_validate(i, el, "latent_unet", options, last_val, val_fn, vae_sha256=vae_sha)
         if out_dir is not None:
             recipe = _latent_unet_recipe(tr, i, el, last_val, vae_sha, data, lr_noise_frac=lr_noise_frac,
                                          lr_noise_max=lr_noise_max, prediction=prediction)

@@ -26,7 +26,7 @@ PRECISIONS = {
 }
 
 
-def resolve_device(device: str) -> torch.device:
+def training_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):

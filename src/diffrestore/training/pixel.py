@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..metrics.quality import psnr
-from ..priors.base import alphas_cumprod_from_betas, linear_betas
+from ..priors.base import adm_alphas_cumprod
 from .checkpoints import TrainingError
 from .data import load_training_data
 from .model_folder import fmt_hours, save_diffusers_fp16, write_model_json, write_model_text
@@ -96,6 +96,27 @@ def validate_pixel(model, x: torch.Tensor, alphas_cumprod: torch.Tensor, device)
     return out
 
 
+def _pixel_step(tr: Trainer, model, sampler, ac: torch.Tensor, t_low_frac: float, t_low_max: int):
+    """The step function: noise a batch of crops at :func:`sample_timesteps`, regress the noise."""
+    dev, batch = tr.device, tr.loop.batch
+    ac_dev = ac.to(dev)
+    T = ac.shape[0]
+
+    def step_fn(i: int):
+        model.train()
+        x0 = sampler.batch(batch, tr.np_rng).to(dev)
+        t = sample_timesteps(batch, T, tr.gen, t_low_frac, t_low_max)
+        noise = torch.randn(x0.shape, generator=tr.gen).to(dev)
+        t = t.to(dev)
+        a = ac_dev[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with tr.autocast():
+            pred = model(xt, t).sample
+        return tr.optimize(i, F.mse_loss(pred.float(), noise))
+
+    return step_fn
+
+
 def train_pixel(
     data_dir: str | Path,
     out_dir: str | Path | None,
@@ -143,32 +164,17 @@ def train_pixel(
     model = tr.build_model(build_pixel_unet, model_cfg, weight_decay=weight_decay)
     model_cfg = tr.model_cfg
 
-    ac = alphas_cumprod_from_betas(
-        linear_betas(ADM_SCHEDULE["beta_start"], ADM_SCHEDULE["beta_end"], ADM_SCHEDULE["num_train_timesteps"])
-    )
-    ac_dev = ac.to(dev)
-    T = ac.shape[0]
+    ac = adm_alphas_cumprod(ADM_SCHEDULE["beta_start"], ADM_SCHEDULE["beta_end"], ADM_SCHEDULE["num_train_timesteps"])
     options = tr.options(
         crop=crop, weight_decay=weight_decay, t_low_frac=t_low_frac, t_low_max=t_low_max, short_side=list(short_side)
     )
     tr.log_start(options, photos=len(photos))
+    step_fn = _pixel_step(tr, model, sampler, ac, t_low_frac, t_low_max)
     last_val: dict = {}
 
-    def step_fn(i: int):
-        model.train()
-        x0 = sampler.batch(loop.batch, tr.np_rng).to(dev)
-        t = sample_timesteps(loop.batch, T, tr.gen, t_low_frac, t_low_max)
-        noise = torch.randn(x0.shape, generator=tr.gen).to(dev)
-        t = t.to(dev)
-        a = ac_dev[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with tr.autocast():
-            pred = model(xt, t).sample
-        return tr.optimize(i, F.mse_loss(pred.float(), noise))
-
     def checkpoint_fn(i: int, el: float):
-        validate = None if val_x is None else (lambda: validate_pixel(tr.ema.model, val_x, ac, dev))
-        tr.save_and_validate(i, el, "pixel", options, last_val, validate)
+        val_fn = None if val_x is None else (lambda: validate_pixel(tr.ema.model, val_x, ac, dev))
+        tr.save_and_validate(i, el, "pixel", options, last_val, val_fn)
         if out_dir is not None:
             export_pixel(tr.ema.model, out_dir, step=i, elapsed=el, options=options, model_cfg=model_cfg,
                          hardware=tr.hardware, n_photos=len(photos), val=dict(last_val), data_dir=data_dir,

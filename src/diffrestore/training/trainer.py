@@ -11,10 +11,10 @@ from torch import nn
 from .checkpoints import (
     CHECKPOINT_NAME,
     TrainingError,
-    load_checkpoint,
+    load_run_checkpoint,
     one_line,
     rng_state,
-    save_checkpoint,
+    save_run_checkpoint,
     set_rng_state,
 )
 from .loop import (
@@ -30,7 +30,7 @@ from .loop import (
     run_loop,
 )
 from .networks import param_count
-from .options import LoopOptions, check_folder, resolve_device
+from .options import LoopOptions, check_folder, training_device
 
 
 def set_threads(threads: int) -> None:
@@ -71,14 +71,14 @@ class Trainer:
         loop.check()
         set_threads(loop.threads)
         self.loop = loop
-        self.device = resolve_device(loop.device)
+        self.device = training_device(loop.device)
         self.run_dir = check_folder(run_dir, "--run")
         if out_dir is not None:
             check_folder(out_dir, "--out")
         self.ckpt_path = self.run_dir / CHECKPOINT_NAME
         if not loop.resume and self.ckpt_path.exists():
             raise TrainingError(f"{self.ckpt_path} exists: pass --resume to continue it, or choose another --run")
-        self.resumed: dict | None = load_checkpoint(self.ckpt_path, kind) if loop.resume else None
+        self.resumed: dict | None = load_run_checkpoint(self.ckpt_path, kind) if loop.resume else None
         self.log = JsonlLog(self.run_dir / LOG_NAME)
         self.hardware = hardware_string(self.device, loop.threads)
 
@@ -164,7 +164,7 @@ class Trainer:
         return float(loss.detach()), cur_lr
 
     def save(self, step: int, elapsed: float, kind: str, options: dict, **extra) -> None:
-        save_checkpoint(
+        save_run_checkpoint(
             self.ckpt_path,
             {
                 "kind": kind, "model_cfg": self.model_cfg, "model": self.model.state_dict(),
