@@ -19,15 +19,7 @@ from ..priors.base import PriorLoadError
 from .checkpoints import TrainingError
 from .data import fixed_batch, load_training_data
 from .encoded_photos import EncodedPhotos, load_or_encode_photos
-from .model_folder import (
-    describe_data,
-    file_sha256,
-    fmt_hours,
-    save_diffusers_fp16,
-    write_ldm_meta,
-    write_ldm_readme,
-    write_model_json,
-)
+from .model_folder import describe_data, export_ldm_stage, file_sha256, fmt_hours, save_diffusers_fp16, write_model_json
 from .networks import param_count
 from .options import LoopOptions, check_architecture
 from .trainer import Trainer
@@ -186,13 +178,6 @@ def _autoencoder_recipe(tr: Trainer, step: int, elapsed: float, val: dict, n_val
     }
 
 
-def _export_autoencoder(out: Path, ae, recipe: dict) -> None:
-    write_ldm_meta(out)
-    save_diffusers_fp16(ae, out / "vae")
-    write_model_json(out / "vae" / "recipe.json", recipe)
-    write_ldm_readme(out)
-
-
 def train_autoencoder(
     data_dir,
     out_dir,
@@ -248,7 +233,7 @@ def train_autoencoder(
         if out_dir is not None:
             recipe = _autoencoder_recipe(tr, i, el, last_val, n_val, data, crop=crop, mse_weight=mse_weight,
                                          kl_weight=kl_weight, logvar_init=logvar_init)
-            _export_autoencoder(Path(out_dir), ae_norm, recipe)
+            export_ldm_stage(Path(out_dir), "vae", ae_norm, recipe)
 
     return tr.train(step_fn, checkpoint_fn, desc="autoencoder", ndigits=5, val=last_val)
 

@@ -19,15 +19,7 @@ from .autoencoder import load_frozen_vae
 from .checkpoints import TrainingError
 from .data import block_downsample, load_training_data
 from .encoded_photos import load_or_encode_photos
-from .model_folder import (
-    describe_data,
-    fmt_hours,
-    save_diffusers_fp16,
-    sync_vae,
-    write_ldm_meta,
-    write_ldm_readme,
-    write_model_json,
-)
+from .model_folder import describe_data, export_ldm_stage, fmt_hours
 from .networks import param_count, unet2d
 from .options import LoopOptions, check_architecture
 from .trainer import Trainer
@@ -142,14 +134,6 @@ def _latent_unet_recipe(tr: Trainer, step: int, elapsed: float, val: dict, vae_s
     }
 
 
-def _export_latent_unet(out: Path, tr: Trainer, vae_dir, vae_sha: str, prediction: str, recipe: dict) -> None:
-    write_ldm_meta(out, prediction)
-    save_diffusers_fp16(tr.ema.model, out / "unet")
-    sync_vae(Path(vae_dir), out / "vae", vae_sha)
-    write_model_json(out / "unet" / "recipe.json", recipe)
-    write_ldm_readme(out)
-
-
 def _frozen_vae_of_run(tr: Trainer, vae_dir, out_dir):
     """(autoencoder folder, the frozen autoencoder, its sha256); refused if a resumed run's changed."""
     if vae_dir is None:
@@ -228,6 +212,6 @@ def train_latent_unet(
         if out_dir is not None:
             recipe = _latent_unet_recipe(tr, i, el, last_val, vae_sha, data, lr_noise_frac=lr_noise_frac,
                                          lr_noise_max=lr_noise_max, prediction=prediction)
-            _export_latent_unet(Path(out_dir), tr, vae_dir, vae_sha, prediction, recipe)
+            export_ldm_stage(Path(out_dir), "unet", tr.ema.model, recipe, prediction, vae=(Path(vae_dir), vae_sha))
 
     return tr.train(step_fn, checkpoint_fn, desc="latent-unet", ndigits=5, val=last_val)

@@ -153,3 +153,15 @@ def sync_vae(src: Path, dst: Path, sha: str) -> None:
         if (src / name).is_file():
             atomic_write_bytes(dst / name, (src / name).read_bytes())
             os.chmod(dst / name, 0o644)
+
+
+def export_ldm_stage(out: Path, stage: str, model: nn.Module, recipe: dict, prediction: str = "epsilon",
+                     vae: tuple[Path, str] | None = None) -> None:
+    """One stage of a latent-SR folder: index and scheduler config, ``model`` in fp16 to ``out/stage`` with its
+    ``recipe.json``, then the README; ``vae`` (source folder, sha256): the autoencoder to ship beside it."""
+    write_ldm_meta(out, prediction)
+    save_diffusers_fp16(model, out / stage)
+    if vae is not None:
+        sync_vae(vae[0], out / "vae", vae[1])
+    write_model_json(out / stage / "recipe.json", recipe)
+    write_ldm_readme(out)
