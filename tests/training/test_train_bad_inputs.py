@@ -2,8 +2,7 @@
 
 Each row: exit status 2, exactly one line on stderr, starting ``diffrestore: error:`` and saying what
 is wrong, no traceback, and nothing created or changed in the folder the command was given (no empty
-``--run`` folder, no checkpoint, no log). Every row failed before these checks existed (a traceback, a
-silent NaN run, an empty folder, or a bare ``error:`` line).
+``--run`` folder, no checkpoint, no log).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from diffrestore.training import checkpoints, options
 from diffrestore.training import loop as train_loop
 from diffrestore.training.data import CropSampler, block_downsample, list_photos, load_photos, split_photos
 
-# keys of a checkpoint's "options" record (read back by --resume; the running jobs' checkpoints have them)
+# keys of a checkpoint's "options" record (read back by --resume; checkpoints written before must keep them)
 SHARED_OPTION_KEYS = {"crop", "batch", "lr", "warmup", "grad_clip", "ema_decay", "short_side", "holdout_every", "seed",
                       "threads", "device", "precision"}
 OPTION_KEYS = {
