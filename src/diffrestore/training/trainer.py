@@ -34,6 +34,7 @@ from .options import LoopOptions, check_folder, training_device
 
 
 def set_threads(threads: int) -> None:
+    """Intra-op threads for this run; one inter-op thread (trainers run one model at a time)."""
     torch.set_num_threads(max(1, int(threads)))
     try:
         torch.set_num_interop_threads(1)
@@ -42,6 +43,7 @@ def set_threads(threads: int) -> None:
 
 
 def hardware_string(device: torch.device, threads: int) -> str:
+    """The device a run trains on, for the model README (GPU name, or CPU model, threads and torch version)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
