@@ -20,6 +20,8 @@ import warnings
 import torch
 from torch import nn
 
+from .base import LatentSRPrior
+
 __all__ = ["FrozenGraphError", "FrozenGraphs", "FrozenUNetMixin", "UNetSample", "frozen_graphs_pay_off"]
 
 
@@ -123,7 +125,7 @@ def frozen_graphs_pay_off(prior) -> bool:
     """Whether frozen graphs run ``prior`` faster than eager: latent priors always; a pixel prior not in float32
     on a CPU, where its frozen graph is slower (its large convolutions gain nothing from pre-packing while
     the graph loses PyTorch's eager oneDNN paths)."""
-    if hasattr(prior, "encode"):
+    if isinstance(prior, LatentSRPrior):
         return True
     weight = next(prior.unet.parameters())
     return not (weight.dtype == torch.float32 and weight.device.type == "cpu")

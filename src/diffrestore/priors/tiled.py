@@ -277,7 +277,7 @@ class TiledLatentSRPrior(_TiledMixin, LatentSRPrior):
 
 def tiled_prior(prior, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, **kwargs):
     """``prior`` wrapped in the tiled prior of its kind (``TiledPixelPrior`` or ``TiledLatentSRPrior``)."""
-    cls = TiledLatentSRPrior if hasattr(prior, "encode") else TiledPixelPrior
+    cls = TiledLatentSRPrior if isinstance(prior, LatentSRPrior) else TiledPixelPrior
     return cls(prior, tile, overlap, **kwargs)
 
 
@@ -306,7 +306,7 @@ def activation_bytes_per_pixel(prior) -> float:
     if unet is None or not hasattr(unet, "config"):
         return 2048.0
     elt = next(unet.parameters()).element_size()
-    if not hasattr(inner, "encode"):
+    if not isinstance(inner, LatentSRPrior):
         return 12.0 * elt * _unet_sum(unet)
     f = inner.downscale
     unet_px = 18.0 * elt * _unet_sum(unet) / f**2
