@@ -65,8 +65,8 @@ __all__ = ["restore", "check_values"]
 
 
 #: default ``rho`` of the ``consistency`` option: about the error of a DDRM output that already beats
-#: its measurement, so the blend never leans on a noisy measurement much (measured per task in
-#: docs/results/2026-12-03-defaults.md). Set it to the output's expected error for the task.
+#: its measurement, so the blend never leans on a noisy measurement much (docs/methods.md). Set it to
+#: the output's expected error for the task.
 CONSISTENCY_RHO = 0.05
 
 
@@ -245,8 +245,8 @@ def restore(
         if et.shape[1] == 2 * C:  # learned-sigma output: keep the epsilon channels
             et = et[:, :C]
         x0 = torch.sub(x, et, alpha=p["sqrt_1ma"]).div_(p["sqrt_a"])
-        # V^T x0 is computed, not carried from the previous spectral state: one transform more, but
-        # 10x closer to the official states on the golden deblur factors (<1% of a forward anyway)
+        # V^T x0 is computed, not carried from the previous spectral state: one cheap transform more,
+        # and closer to the official states, which compute it too
         v_x0 = operator.Vt(x0).reshape(B, D).to(dtype)
         v_et = operator.Vt(et).reshape(B, D).to(dtype)
 

@@ -1,5 +1,4 @@
-"""DDRM-LDM: latent diffusion with DDRM-style data consistency in pixel space (the report's
-"future work", done so that it works).
+"""DDRM-LDM: latent diffusion with DDRM-style data consistency in pixel space.
 
 The report's hybrid (``ddrm_srldm``) forces a latent model to act as a pixel denoiser and collapses.
 Here the diffusion state stays in the latent space the model was trained on, and the measurement is
@@ -26,9 +25,9 @@ satisfies the measurement (exactly for noiseless tasks). ``start`` < 1 begins at
 the encoded, consistent bicubic upsampling of the measurement diffused to that level, replacing the
 noisiest steps, where a small latent model is least reliable. ``stop`` > 0 ends the steps at
 ``t = stop * T`` and returns that step's ``x0c``: an estimate of the posterior mean instead of a sample
-(the perception-distortion knob: 0 for a full sample). Defaults (rho 0.3, start 0.5, stop 0.4) suit the
-epsilon-prediction ``builtin:ldmsr-s``; ``start=0.8, stop=0.6`` suits v-prediction priors such as
-``builtin:ldmsr-xs``. The measurements behind these choices are in docs/methods.md.
+(the perception-distortion knob: 0 for a full sample). The defaults (rho 0.3, start 0.5, stop 0.4) suit
+the epsilon-prediction ``builtin:ldmsr-s``; ``start=0.8, stop=0.6`` suits v-prediction priors such as
+``builtin:ldmsr-xs`` (why: docs/methods.md).
 Cost per step: one UNet call, one decode, one encode.
 """
 

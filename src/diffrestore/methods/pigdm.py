@@ -33,7 +33,7 @@ default here, and the same weighting (at ``r_T``) replaces ``H^+`` in the initia
 ``sigma_y = 0`` both are the same.
 
 Gradients. The vector-Jacobian product needs autograd through the prior's ``eps`` (one backward pass
-per step: about 2.3x DDRM's per-step cost with ``builtin:pixel-s`` at 256x256 on a CPU). A prior run as
+per step, so a step costs a few times DDRM's; docs/methods.md). A prior run as
 frozen TorchScript graphs cannot give it and is refused, as is any prior whose ``eps`` comes back
 without a graph; a bf16 prior works (its backward pass runs in bf16).
 """

@@ -1,7 +1,7 @@
 """Tiled priors: run the network on overlapping tiles so that memory is bounded by the tile, not the image.
 
-Why: a diffusion network's activations grow with the image (about 1.3 KB per pixel for
-``builtin:pixel-s``, 17 GB for a 12-megapixel photo), while the methods' data consistency only needs
+Why: a diffusion network's activations grow with the image (more than a kilobyte per pixel for the
+built-in priors), while the methods' data consistency only needs
 the operator's SVD parts, which act on the whole image through small 1-D factors. So only the network
 is tiled; the measurement stays global and exact.
 
@@ -296,10 +296,8 @@ def activation_bytes_per_pixel(prior) -> float:
 
     ``K * element_size * sum_levels(channels / 4**level)``: the activations a UNet keeps alive (skip
     connections, concatenations, group-norm temporaries) are a roughly fixed multiple ``K`` of its
-    channels at each level. ``K`` is calibrated on peak RSS of one float32 call on a CPU:
-    ``builtin:pixel-s`` 1.27 KB/px at 512x512 (K = 10.6), ``builtin:ldmsr-s`` UNet 0.41 KB per image pixel
-    (K = 16 per latent pixel), its decoder 1.27 KB/px (K = 5.7), encoder 0.59 KB/px; rounded up.
-    Unknown networks count as 2 KB per pixel.
+    channels at each level. ``K`` is calibrated on the peak memory of one float32 call of the built-in
+    priors on a CPU, rounded up (docs/methods.md). Unknown networks count as 2 KB per pixel.
     """
     inner = getattr(prior, "prior", prior)
     unet = getattr(inner, "unet", None)
@@ -316,8 +314,8 @@ def activation_bytes_per_pixel(prior) -> float:
 
 
 #: bytes per image pixel a method keeps for the whole image besides the network: its state, the
-#: prediction, spectral copies and draws (DDRM holds about a dozen float32 images at once; a 12 MP
-#: denoise with 512-pixel tiles peaked at 2.75 GB RSS, ~170 B/px beyond the process and one tile)
+#: prediction, spectral copies and draws (DDRM holds about a dozen float32 images at once; calibration
+#: in docs/methods.md)
 METHOD_BYTES_PER_PIXEL = 180
 _GB = 1024**3
 
