@@ -67,10 +67,10 @@ __all__ = ["restore", "check_values"]
 #: default ``rho`` of the ``consistency`` option: about the error of a DDRM output that already beats
 #: its measurement, so the blend never leans on a noisy measurement much (docs/methods.md). Set it to
 #: the output's expected error for the task.
-CONSISTENCY_RHO = 0.05
+DDRM_CONSISTENCY_RHO = 0.05
 
 
-def check_values(*, eta: float, eta_b: float, rho: float = CONSISTENCY_RHO, **_) -> None:
+def check_values(*, eta: float, eta_b: float, rho: float = DDRM_CONSISTENCY_RHO, **_) -> None:
     """The option values DDRM accepts (both weights are shares, in [0, 1])."""
     if not 0.0 <= eta <= 1.0:
         raise MethodArgumentError(f"eta must be in [0, 1], got {eta}")
@@ -124,7 +124,7 @@ def restore(
     x_T: torch.Tensor | None = None,
     official_zero_singular_bug: bool = False,
     consistency: bool = False,
-    rho: float = CONSISTENCY_RHO,
+    rho: float = DDRM_CONSISTENCY_RHO,
 ) -> torch.Tensor:
     """Restore ``x`` from ``y = H x + sigma_y n`` with DDRM.
 

@@ -30,7 +30,7 @@ from diffrestore.runtime import auto_dtype
 
 from . import adm as _adm
 from . import adm_weights as _adm_weights
-from ._files import first_line, from_pretrained, load_checkpoint, read_json, resolve_dtype, tensor_state_dict
+from ._files import first_line, from_pretrained, load_weights, read_json, resolve_dtype, tensor_state_dict
 from .base import LatentSRPrior, PixelPrior, PriorLoadError, scheduler_alphas_cumprod
 from .catalog import BUILTIN_PREFIX, builtin_dir, require_weights, resolve_spec
 from .frozen import frozen_graphs_pay_off
@@ -113,7 +113,7 @@ def _unwrap_state_dict(obj: Any) -> Any:
 
 
 def _load_file(path: Path, *, device, dtype, kind, adm_overrides) -> PixelPrior | LatentSRPrior:
-    obj = load_checkpoint(path)  # the only read: an LDM checkpoint's tensors go on to the LDM loader
+    obj = load_weights(path)  # the only read: an LDM checkpoint's tensors go on to the LDM loader
     if not isinstance(obj, dict):
         raise PriorLoadError(f"{path}: checkpoint is a {type(obj).__name__}, expected a state dict")
     if _is_ldm_checkpoint(obj):
@@ -257,7 +257,7 @@ def _load_adm_unet_folder(folder: Path, cfg: dict):
     weights = folder / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         raise PriorLoadError(f"{folder}: no diffusion_pytorch_model.safetensors")
-    sd = load_checkpoint(weights)
+    sd = load_weights(weights)
     try:
         model = _adm.build_adm_unet(cfg, device="meta")
     except (ValueError, TypeError, KeyError) as e:

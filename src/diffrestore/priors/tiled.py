@@ -26,18 +26,17 @@ from typing import Callable, Sequence
 
 import torch
 
-from diffrestore import resources
+from diffrestore.resources import DEFAULT_TILE
 
 from .base import LatentSRPrior, PixelPrior
 
 __all__ = [
     "DEFAULT_OVERLAP", "DEFAULT_TILE", "TileError", "TiledLatentSRPrior", "TiledPixelPrior",
-    "activation_bytes_per_pixel", "blend_window", "estimate_peak_bytes", "memory_budget", "plan_tiling",
-    "run_tiled", "tile_starts", "tiled_prior",
+    "activation_bytes_per_pixel", "blend_window", "estimate_peak_bytes", "plan_tiling",
+    "run_tiled", "tile_starts", "tiled_prior", "tiling_budget",
 ]
 
-#: default tile side and overlap in image pixels (docs/results/2026-12-03-tiling.md)
-DEFAULT_TILE = resources.DEFAULT_TILE
+#: default overlap in image pixels, for ``DEFAULT_TILE``-pixel tiles (docs/results/2026-12-03-tiling.md)
 DEFAULT_OVERLAP = 32
 #: irrational steps of the per-axis grid offsets: offsets of successive timesteps spread evenly
 _GOLDEN = (0.6180339887498949, 0.7548776662466927)
@@ -328,7 +327,7 @@ def estimate_peak_bytes(prior, image_hw: tuple[int, int], batch: int = 1, tile: 
     return int(batch * (METHOD_BYTES_PER_PIXEL * H * W + activation_bytes_per_pixel(prior) * net))
 
 
-def memory_budget(device: torch.device | str) -> int:
+def tiling_budget(device: torch.device | str) -> int:
     """Bytes a restoration may use: 90% of the free memory of a CUDA device, 80% of the available RAM
     (``MemAvailable``) otherwise; 8 GB when the system does not say."""
     dev = torch.device(device)
@@ -352,7 +351,7 @@ def plan_tiling(prior, image_hw: tuple[int, int], *, batch: int = 1, device="cpu
     """
     if tile == 0:
         return prior, None
-    budget = memory_budget(device) if budget is None else int(budget)
+    budget = tiling_budget(device) if budget is None else int(budget)
     H, W = image_hw
     note = None
     if tile is None:
