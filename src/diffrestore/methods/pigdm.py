@@ -100,9 +100,11 @@ def pigdm_step(prior, x_t, t: int, a_t, a_s, residual, z, *, eta: float, guidanc
     """One ΠGDM step from ``x_t`` at timestep ``t`` (cumulative alphas ``a_t``, ``a_s``: float32 0-dim
     tensors) with the fresh draw ``z``; returns ``(x_s, x0, eps, g)`` (all detached)."""
     C = x_t.shape[1]
+    # DDIM coefficients c1 (fresh noise), c2 (predicted noise) and the guidance scale sqrt(a_s) sqrt(a_t) w
     c1 = ((1 - a_t / a_s) * (1 - a_s) / (1 - a_t)).sqrt() * eta
     c2 = ((1 - a_s) - c1**2).sqrt()
     coeff = a_s.sqrt() * a_t.sqrt() * guidance_weight
+    # x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), kept on the autograd graph
     x = x_t.detach().requires_grad_(True)
     t_tensor = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
     with torch.enable_grad():
@@ -112,9 +114,11 @@ def pigdm_step(prior, x_t, t: int, a_t, a_s, residual, z, *, eta: float, guidanc
         x0 = (x - eps * float((1 - a_t).sqrt())) / float(a_t.sqrt())
     if not eps.requires_grad:
         raise MethodArgumentError(f"{NO_GRADIENTS}; this prior's eps is not differentiable")
+    # g = (d x0 / d x_t)^T mat, mat the (weighted) pseudo-inverse of the residual y - H x0
     x0_d, eps = x0.detach(), eps.detach()
     mat = residual(x0_d, a_t).to(x0_d)
     (g,) = torch.autograd.grad(x0, x, grad_outputs=mat)
+    # x_s = sqrt(a_s) x0 + c1 z + c2 eps + sqrt(a_s) sqrt(a_t) w g
     x_s = x0_d * float(a_s.sqrt()) + z * float(c1) + eps * float(c2) + g * float(coeff)
     return x_s, x0_d, eps, g
 
