@@ -251,7 +251,7 @@ ADM_CONFIG = '{"num_head_channels": 16}'
 def test_restore_with_adm_config_uses_it(tmp_path, photo, adm):
     """Given as a JSON object or as a .json file, the head width is used (no guess) and recorded; the output
     differs from the one of the guessed width, so the option reaches the network."""
-    from diffrestore.priors.adm import ADMGuessWarning
+    from diffrestore.priors.adm_weights import ADMGuessWarning
 
     cfg_file = tmp_path / "adm.json"
     cfg_file.write_text(ADM_CONFIG)
@@ -300,7 +300,7 @@ def test_bad_adm_config_of_evaluate_and_demo(tmp_path, photo, command, capsys):
 
 
 def test_demo_with_adm_config(tmp_path, adm, capsys):
-    from diffrestore.priors.adm import ADMGuessWarning
+    from diffrestore.priors.adm_weights import ADMGuessWarning
 
     out = tmp_path / "out"
     with warnings.catch_warnings():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from types import SimpleNamespace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -70,10 +70,10 @@ def fake_check_values(*, noise: float, **_):
         raise methods.MethodArgumentError(f"noise must be >= 0, got {noise}")
 
 
-class FakeInfo(methods.MethodInfo):
-    @property
-    def implementation(self):
-        return SimpleNamespace(restore=fake_restore, check_values=fake_check_values)
+def fake_info(name: str, prior: str, steps: int) -> methods.MethodInfo:
+    """A registry entry for ``fake_restore`` whose default is ``steps`` steps."""
+    return methods.MethodInfo(name, partial(fake_restore, steps=steps), prior, f"test method ({prior} prior)",
+                              checker=fake_check_values)
 
 
 class FakePixelPrior:
@@ -113,8 +113,8 @@ def fake_load_feature_extractor(device):
 def install(mp: pytest.MonkeyPatch | None = None) -> None:
     """Register the fakes (undone by ``mp`` when given, for in-process tests)."""
     mp = mp or pytest.MonkeyPatch()
-    mp.setitem(methods.METHODS, "fake-pix", FakeInfo("fake-pix", "-", "pixel", 3, "test method (pixel prior)"))
-    mp.setitem(methods.METHODS, "fake-lat", FakeInfo("fake-lat", "-", "latent", 4, "test method (latent prior)"))
+    mp.setitem(methods.METHODS, "fake-pix", fake_info("fake-pix", "pixel", 3))
+    mp.setitem(methods.METHODS, "fake-lat", fake_info("fake-lat", "latent", 4))
     mp.setattr(runner, "load_prior", fake_load_prior)
     mp.setattr(runner, "load_feature_extractor", fake_load_feature_extractor)
 

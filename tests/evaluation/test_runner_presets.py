@@ -4,6 +4,7 @@ depend on which defaults apply; a run recorded without such an option ran the pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -71,8 +72,7 @@ def test_paper_preset_runs_the_module_defaults_bit_for_bit(data, tmp_path, monke
     def install_recommending(mp):  # fake-pix with a recommended noise of 0 (its module default is 1)
         install(mp)
         info = fx.methods.METHODS["fake-pix"]
-        mp.setitem(fx.methods.METHODS, "fake-pix", fx.FakeInfo(info.name, info.module, info.prior, info.default_steps,
-                                                                info.summary, recommended={"noise": 0.0}))  # fmt: skip
+        mp.setitem(fx.methods.METHODS, "fake-pix", dataclasses.replace(info, recommended={"noise": 0.0}))
 
     monkeypatch.setattr(fx, "install", install_recommending)
     runs = {

@@ -152,7 +152,7 @@ def test_consistency_blends_the_plain_output_with_the_measurement(task_name):
         want = raw + torch.linalg.pinv(A, rtol=rcond + 1e-12) @ (yv - A @ raw)
         torch.testing.assert_close(out, want, atol=1e-4, rtol=0)
     else:
-        rho, s = ddrm.CONSISTENCY_RHO, 0.25
+        rho, s = ddrm.DDRM_CONSISTENCY_RHO, 0.25
         w = rho**2 / (rho**2 + task.sigma_y**2 / s**2)
         torch.testing.assert_close(A @ out, A @ raw + w * (yv - A @ raw), atol=1e-4, rtol=0)
         change = out - raw

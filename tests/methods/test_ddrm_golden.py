@@ -98,12 +98,12 @@ def _adm_prior(folder, helpers):
     """Our ADM (diffrestore.priors.adm) with the golden config and weights, wrapped as a PixelPrior
     that drops the learned-sigma channels; pytest.skip with the reason when unavailable."""
     try:
-        from diffrestore.priors import adm
+        from diffrestore.priors import adm, adm_weights
 
         cfg = json.loads((folder / "manifest.json").read_text())["model_cfg"]
         state = torch.load(folder / "unet_state_dict.pt", map_location="cpu", weights_only=True)
         net = adm.build_adm_unet(cfg)
-        net.load_state_dict(adm.convert_adm_state_dict(state, cfg))
+        net.load_state_dict(adm_weights.convert_adm_state_dict(state, cfg))
     except Exception as e:  # module not written yet / API changed / broken import
         pytest.skip(f"golden ADM not buildable with diffrestore.priors.adm: {e!r}")
 

@@ -13,7 +13,8 @@ import torch
 from diffrestore.methods import pigdm
 from diffrestore.methods.common import MethodArgumentError, alpha_bar
 from diffrestore.operators.tasks import make_task
-from diffrestore.priors.adm import adm_config, build_adm_unet, convert_adm_state_dict
+from diffrestore.priors.adm import adm_config, build_adm_unet
+from diffrestore.priors.adm_weights import convert_adm_state_dict
 from diffrestore.priors.base import PixelPrior, alphas_cumprod_from_betas, linear_betas
 from diffrestore.priors.pixel import UNetPixelPrior
 

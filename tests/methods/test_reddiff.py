@@ -12,7 +12,8 @@ import torch
 
 from diffrestore.methods import reddiff
 from diffrestore.operators.tasks import make_task
-from diffrestore.priors.adm import adm_config, build_adm_unet, convert_adm_state_dict
+from diffrestore.priors.adm import adm_config, build_adm_unet
+from diffrestore.priors.adm_weights import convert_adm_state_dict
 from diffrestore.priors.pixel import UNetPixelPrior
 
 from test_ddrm import LinearPrior, RecordingRandn

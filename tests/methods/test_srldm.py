@@ -171,7 +171,7 @@ def test_consistency_blends_the_official_output_with_the_measurement(ref, prior,
         torch.testing.assert_close(out, want, atol=1e-4, rtol=0)
         torch.testing.assert_close(A @ out, y, atol=1e-4, rtol=0)
     else:
-        tau, s = srldm.CONSISTENCY_RHO, 0.25
+        tau, s = srldm.SRLDM_CONSISTENCY_RHO, 0.25
         assert torch.allclose(op.singulars.double(), torch.full_like(op.singulars.double(), s))
         w = tau**2 / (tau**2 + sigma_y**2 / s**2)
         torch.testing.assert_close(A @ out, A @ raw + w * (y - A @ raw), atol=1e-4, rtol=0)

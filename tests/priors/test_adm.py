@@ -10,12 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffrestore.priors.adm import (
-    ADM_256_COND,
-    ADM_256_UNCOND,
-    DEFAULT_CHANNEL_MULT,
-    adm_config,
-    build_adm_unet,
+from diffrestore.priors.adm import ADM_256_COND, ADM_256_UNCOND, DEFAULT_CHANNEL_MULT, adm_config, build_adm_unet
+from diffrestore.priors.adm_weights import (
     convert_adm_state_dict,
     convert_diffusers_to_adm_state_dict,
     infer_adm_hparams,

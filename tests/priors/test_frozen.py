@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from diffrestore.priors.adm import adm_config, build_adm_unet, convert_adm_state_dict
+from diffrestore.priors.adm import adm_config, build_adm_unet
+from diffrestore.priors.adm_weights import convert_adm_state_dict
 from diffrestore.priors.frozen import FrozenGraphError, FrozenGraphs
 from diffrestore.priors.ldm import load_latent_sr
 from diffrestore.priors.pixel import UNetPixelPrior

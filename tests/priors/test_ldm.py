@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, UNet2DModel, VQModel
 
 from diffrestore.priors.base import PriorLoadError
 from diffrestore.priors.latent import ldm_alphas_cumprod, load_diffusers_latent_sr
-from diffrestore.priors.ldm import load_latent_sr, read_checkpoint, unet_config_from_ldm, vq_config_from_ldm
+from diffrestore.priors.ldm import load_latent_sr, read_state_dict, unet_config_from_ldm, vq_config_from_ldm
 
 
 def rel(a, b):
@@ -379,6 +379,6 @@ def test_checkpoint_with_foreign_objects_loads_tensors_only(tmp_path, ckpt_sd):
     path = tmp_path / "lightning.ckpt"
     torch.save({"state_dict": ckpt_sd, "callbacks": {"cb": _Evil()}, "global_step": 0}, path)
     RAN.clear()
-    sd = read_checkpoint(path)
+    sd = read_state_dict(path)
     assert RAN == []
     assert sd.keys() == ckpt_sd.keys() and all(torch.equal(sd[k], ckpt_sd[k]) for k in sd)

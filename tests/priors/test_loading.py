@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from diffrestore.priors.adm import ADMGuessWarning, adm_config, build_adm_unet, convert_adm_state_dict
+from diffrestore.priors.adm import adm_config, build_adm_unet
+from diffrestore.priors.adm_weights import ADMGuessWarning, convert_adm_state_dict
 from diffrestore.priors.base import (
     LatentSRPrior,
     PixelPrior,

@@ -314,12 +314,12 @@ def test_cli_says_when_it_tiles_by_itself(tmp_path, photo, capsys, monkeypatch):
     # a budget between the untiled and the tiled estimate of this 64x96 image
     monkeypatch.setattr(tiled, "DEFAULT_TILE", 32)
     monkeypatch.setattr(tiled, "DEFAULT_OVERLAP", 8)
-    monkeypatch.setattr(tiled, "memory_budget", lambda device: 7_000_000)
+    monkeypatch.setattr(tiled, "tiling_budget", lambda device: 7_000_000)
     tiled._SAID.clear()
     assert _restore(photo, tmp_path / "auto") == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "tiles" in line]
     assert len(notes) == 1 and "32-pixel tiles" in notes[0] and "--tile 0" in notes[0]
-    monkeypatch.setattr(tiled, "memory_budget", lambda device: 1000)
+    monkeypatch.setattr(tiled, "tiling_budget", lambda device: 1000)
     assert _restore(photo, tmp_path / "never") == 2
     assert "even with 32-pixel tiles" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()

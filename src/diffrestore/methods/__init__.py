@@ -1,69 +1,68 @@
-"""Restoration methods: each one a module with a function ``restore(prior, operator, y, *, sigma_y,
-steps, ...)`` that draws one restoration per measurement, and optionally ``check_values(**options)``,
-which rejects out-of-range option values without a model (so a command can refuse them before it
-writes anything).
+"""Restoration methods: each one a module with a sampler ``restore(prior, operator, y, *, sigma_y,
+steps, ...)`` that draws one restoration per measurement, and ``check_values(**options)``, which
+rejects out-of-range option values without a model (so a command can refuse them before it writes
+anything).
 
-The registry below is what the CLI, the evaluation grid and the demo read, so a method added here
-is reachable everywhere. ``prior`` says which kind of prior the method needs. Through the registry
-every method also takes ``samples=N`` (the mean of N draws, see ``MethodInfo.restore``).
+The registry below names each method's sampler and checker directly; the CLI, the evaluation grid and
+the demo read it, so a method added here is reachable everywhere. ``prior`` says which kind of prior
+the method needs. Through the registry every method also takes ``samples=N`` (the mean of N draws,
+see ``MethodInfo.restore``).
 
-A module's keyword defaults are its paper's (or official code's) settings. ``MethodInfo.recommended``
-overrides some of them with values that measured better (docs/results/2026-12-03-defaults.md); the
-registry applies those unless told ``paper=True`` (the ``paper`` preset), so a run can reproduce either.
+A sampler's keyword defaults are written only in its signature (``default_steps`` reads ``steps``
+there): its paper's (or official code's) settings, except that some take fewer steps than their paper
+(the summary says so). ``MethodInfo.recommended`` overrides some options with values that measured
+better (docs/results/2026-12-03-defaults.md); the registry applies those unless told ``paper=True``
+(the ``paper`` preset), so a run can reproduce either.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Callable, Mapping
 
 import torch
 
+from . import ddnm, ddrm, ddrm_ldm, ddrm_srldm, diffpir, pigdm, reddiff, srldm
 from .common import MethodArgumentError, check_samples, draws_of_samples
 
 
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
-    module: str
+    #: the method's ``restore``: one draw per measurement
+    sampler: Callable[..., torch.Tensor]
     prior: str  # "pixel" or "latent"
-    default_steps: int
     summary: str
+    #: the method's ``check_values(**options)``: raises MethodArgumentError for a value out of range
+    checker: Callable[..., None] | None = None
     #: the method differentiates through the prior's network (so frozen TorchScript graphs cannot serve it)
     needs_gradients: bool = False
-    #: option values used instead of the module's (the paper's) defaults, because they measured better
+    #: option values used instead of the sampler's (the paper's) defaults, because they measured better
     recommended: Mapping[str, object] = field(default_factory=dict, hash=False)
 
     @property
-    def implementation(self) -> ModuleType:
-        return importlib.import_module(f"diffrestore.methods.{self.module}")
-
-    @property
-    def sampler(self) -> Callable:
-        """The module's ``restore``: one draw per measurement."""
-        return self.implementation.restore
+    def default_steps(self) -> int:
+        """The ``steps`` default of the sampler's signature."""
+        return inspect.signature(self.sampler).parameters["steps"].default
 
     def check_values(self, options: dict) -> None:
-        """Raise MethodArgumentError for an option value out of range (the module's ``check_values``
-        on the defaults updated with ``options``); needs no model."""
+        """Raise MethodArgumentError for an option value out of range (the method's checker on the
+        defaults updated with ``options``); needs no model."""
         check_samples(options.get("samples", 1))
-        checker = getattr(self.implementation, "check_values", None)
-        if checker is not None:  # module checkers take the options they judge and ignore the rest
-            checker(**{**method_options(self.name), **options})
+        if self.checker is not None:  # checkers take the options they judge and ignore the rest
+            self.checker(**{**method_options(self.name), **options})
 
     def with_defaults(self, kwargs: dict, *, paper: bool = False) -> dict:
         """``kwargs`` with the recommended value of every option they leave out (none with ``paper``:
-        the module's own defaults then apply)."""
+        the sampler's own defaults then apply)."""
         return dict(kwargs) if paper else {**self.recommended, **kwargs}
 
     def restore_draws(self, prior, operator, y: torch.Tensor, *, samples: int, paper: bool = False, **kwargs) -> torch.Tensor:
         """``samples`` independent restorations of each measurement, drawn as one batch: (B, samples, ...).
         The callback, if any, sees that batch. Options left out take the recommended defaults
-        (the module's with ``paper``)."""
+        (the sampler's with ``paper``)."""
         kwargs = self.with_defaults(kwargs, paper=paper)
         if samples != 1 and (kwargs.get("randn") is not None or kwargs.get("x_T") is not None):
             raise MethodArgumentError("x_T and randn replay one sample per measurement; use them with samples=1")
@@ -76,8 +75,8 @@ class MethodInfo:
         Why a mean: a diffusion method returns a sample of the posterior, whose squared error is
         about twice the posterior mean's; averaging samples estimates the mean, which PSNR / SSIM
         reward, at ``samples`` times the cost (and with smoother output). 1, the default, is one draw:
-        bit for bit the module's ``restore`` called with the same options. Options left out take the
-        recommended defaults; ``paper=True`` leaves them to the module (the published method).
+        bit for bit the sampler called with the same options. Options left out take the recommended
+        defaults; ``paper=True`` leaves them to the sampler (the published method).
         """
         if type(samples) is int and samples == 1:
             return self.sampler(prior, operator, y, **self.with_defaults(kwargs, paper=paper))
@@ -87,21 +86,24 @@ class MethodInfo:
 METHODS: dict[str, MethodInfo] = {
     m.name: m
     for m in [
-        MethodInfo("ddrm", "ddrm", "pixel", 20, "DDRM (Kawar et al. 2022) with a pixel diffusion prior",
-                   recommended={"consistency": True}),
-        MethodInfo("srldm", "srldm", "latent", 100, "latent SR diffusion conditioned on the (downscaled) measurement",
-                   recommended={"consistency": True}),
-        MethodInfo("ddrm-srldm", "ddrm_srldm", "latent", 20, "the report's DDRM with the latent SR model as denoiser"),
-        MethodInfo("ddrm-ldm", "ddrm_ldm", "latent", 50, "latent diffusion with pixel-space DDRM-style data consistency"),
-        # 20 network calls as in the comparison; the DiffPIR paper's default is 100
-        MethodInfo("diffpir", "diffpir", "pixel", 20, "DiffPIR (Zhu et al. 2023): plug-and-play with the diffusion denoiser"),
-        MethodInfo("ddnm", "ddnm", "pixel", 100,
-                   "DDNM (Wang et al. 2023): range-null-space projection; DDNM+ when sigma_y > 0"),
-        MethodInfo("pigdm", "pigdm", "pixel", 20,
+        MethodInfo("ddrm", ddrm.restore, "pixel", "DDRM (Kawar et al. 2022) with a pixel diffusion prior",
+                   checker=ddrm.check_values, recommended={"consistency": True}),
+        MethodInfo("srldm", srldm.restore, "latent", "latent SR diffusion conditioned on the (downscaled) measurement",
+                   checker=srldm.check_values, recommended={"consistency": True}),
+        MethodInfo("ddrm-srldm", ddrm_srldm.restore, "latent", "the report's DDRM with the latent SR model as denoiser",
+                   checker=ddrm_srldm.check_values),
+        MethodInfo("ddrm-ldm", ddrm_ldm.restore, "latent", "latent diffusion with pixel-space DDRM-style data consistency",
+                   checker=ddrm_ldm.check_values),
+        MethodInfo("diffpir", diffpir.restore, "pixel", "DiffPIR (Zhu et al. 2023): plug-and-play with the diffusion denoiser",
+                   checker=diffpir.check_values),
+        MethodInfo("ddnm", ddnm.restore, "pixel", "DDNM (Wang et al. 2023): range-null-space projection; DDNM+ when sigma_y > 0",
+                   checker=ddnm.check_values),
+        MethodInfo("pigdm", pigdm.restore, "pixel",
                    "PiGDM (Song et al. 2023): pseudo-inverse guidance through the network's Jacobian (paper: 100 steps)",
-                   needs_gradients=True),
-        MethodInfo("reddiff", "reddiff", "pixel", 20,
-                   "RED-diff (Mardani et al. 2024): Adam on the mean, the denoiser as regulariser (paper: 1000 steps)"),
+                   checker=pigdm.check_values, needs_gradients=True),
+        MethodInfo("reddiff", reddiff.restore, "pixel",
+                   "RED-diff (Mardani et al. 2024): Adam on the mean, the denoiser as regulariser (paper: 1000 steps)",
+                   checker=reddiff.check_values),
     ]
 }
 
@@ -146,7 +148,7 @@ def method_options(name: str, *, paper: bool = False) -> dict[str, object]:
 
 
 def preset_options(name: str, preset: str | None = None) -> dict[str, object]:
-    """The value under ``preset`` ("paper": the module's; None or "recommended": the registry's) of
+    """The value under ``preset`` ("paper": the sampler's; None or "recommended": the registry's) of
     every option whose recommended default differs from the paper's: what a command passes
     explicitly so that its run and its record do not depend on which defaults apply."""
     if preset not in (None, *OPTION_PRESETS):
@@ -157,7 +159,7 @@ def preset_options(name: str, preset: str | None = None) -> dict[str, object]:
 
 def option_descriptions(name: str) -> dict[str, str]:
     """One line per option of ``name``: the first sentence of its entry in the ``Args:`` block of the
-    module's ``restore`` docstring (an entry may name several options, ``a, b: ...``)."""
+    sampler's docstring (an entry may name several options, ``a, b: ...``)."""
     doc = inspect.getdoc(get_method(name).sampler) or ""
     block = doc.partition("Args:")[2]
     entries: dict[str, str] = {}

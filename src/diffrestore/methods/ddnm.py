@@ -228,7 +228,7 @@ def restore(
     for t, t_next in pairs:
         a_next = alpha_bar(ac, t_next)
         sqrt_an, sigma_n = float(a_next.sqrt()), float((1 - a_next).sqrt())
-        if t_next > t:  # time travel back to t_next
+        if t_next > t:  # time travel back to t_next: re-noise the raw x0 (official) or x_t ~ q(x_t' | x_t)
             z = draw()
             if official_travel:
                 x = x0 * sqrt_an + z * sigma_n
@@ -241,14 +241,18 @@ def restore(
         if et.shape[1] == 2 * C:  # learned-sigma output: keep the epsilon channels
             et = et[:, :C]
         et = et.to(dtype)
+        # x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
         x0 = torch.sub(x, et, alpha=float((1 - a_t).sqrt())).div_(float(a_t.sqrt()))
+        # r = V^T H^+ (H x0 - y): the range-space error of x0, zero on unobserved rows
         r = torch.where(observed, operator.Vt(x0).reshape(B, D).to(dtype) - ybar, 0.0)
         z = draw()
         if not noisy:
+            # DDNM: x0_hat = x0 - V r, x' = sqrt(a') x0_hat + sigma' (eta z + sqrt(1 - eta^2) eps)
             x0_hat = x0 - operator.V(r).reshape(img_shape).to(dtype)
             x_next = x0_hat * sqrt_an + z * (sigma_n * eta) + et * (sigma_n * math.sqrt(1 - eta**2))
             hat = x0_hat
         else:
+            # DDNM+: x0_hat = x0 - V(lambda r), x' = sqrt(a') x0_hat + V(d1 z' + d2 eps') row by row
             lam, d1, d2 = _plus_coefficients(s_lam, sqrt_an, sigma_n, sigma_y, eta)
             e_rows = reorder(et) if official_eps_basis else operator.Vt(et).reshape(B, D)
             spec = d1 * reorder(z) + d2 * e_rows.to(dtype) - (sqrt_an * lam) * r

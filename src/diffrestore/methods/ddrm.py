@@ -65,12 +65,12 @@ __all__ = ["restore", "check_values"]
 
 
 #: default ``rho`` of the ``consistency`` option: about the error of a DDRM output that already beats
-#: its measurement, so the blend never leans on a noisy measurement much (measured per task in
-#: docs/results/2026-12-03-defaults.md). Set it to the output's expected error for the task.
-CONSISTENCY_RHO = 0.05
+#: its measurement, so the blend never leans on a noisy measurement much (docs/methods.md). Set it to
+#: the output's expected error for the task.
+DDRM_CONSISTENCY_RHO = 0.05
 
 
-def check_values(*, eta: float, eta_b: float, rho: float = CONSISTENCY_RHO, **_) -> None:
+def check_values(*, eta: float, eta_b: float, rho: float = DDRM_CONSISTENCY_RHO, **_) -> None:
     """The option values DDRM accepts (both weights are shares, in [0, 1])."""
     if not 0.0 <= eta <= 1.0:
         raise MethodArgumentError(f"eta must be in [0, 1], got {eta}")
@@ -124,7 +124,7 @@ def restore(
     x_T: torch.Tensor | None = None,
     official_zero_singular_bug: bool = False,
     consistency: bool = False,
-    rho: float = CONSISTENCY_RHO,
+    rho: float = DDRM_CONSISTENCY_RHO,
 ) -> torch.Tensor:
     """Restore ``x`` from ``y = H x + sigma_y n`` with DDRM.
 
@@ -244,9 +244,10 @@ def restore(
         et = prior.eps(x, p["t_tensor"])
         if et.shape[1] == 2 * C:  # learned-sigma output: keep the epsilon channels
             et = et[:, :C]
+        # x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
         x0 = torch.sub(x, et, alpha=p["sqrt_1ma"]).div_(p["sqrt_a"])
-        # V^T x0 is computed, not carried from the previous spectral state: one transform more, but
-        # 10x closer to the official states on the golden deblur factors (<1% of a forward anyway)
+        # V^T x0 is computed, not carried from the previous spectral state: one cheap transform more,
+        # and closer to the official states, which compute it too
         v_x0 = operator.Vt(x0).reshape(B, D).to(dtype)
         v_et = operator.Vt(et).reshape(B, D).to(dtype)
 
@@ -254,19 +255,23 @@ def restore(
         z_A = draw((B, p["n_after"]))
         z_B = draw((B, m))
 
-        # unobserved rows (every row first; observed ones are overwritten below)
+        # unobserved rows: vx0 + sqrt(1 - eta^2) sigma' V^T eps + eta sigma' z_C (every row first;
+        # observed ones are overwritten below)
         nxt = torch.add(v_x0, v_et, alpha=p["tilde_C"]).add_(z_C, alpha=p["std_C"])
         ra, rb = p["rows_a"], p["rows_b"]
-        if p["n_after"]:  # less noisy than y
+        # less noisy than y: vx0 + sqrt(1 - eta^2) sigma' (ybar - s vx0) / sigma_y + eta sigma' z_A
+        if p["n_after"]:
             vx_a = ra.take(v_x0)
             resid = (ra.view(U_t_y) - vx_a * p["s_after"]).div_(sigma_0)
             ra.put(nxt, vx_a.add_(resid, alpha=p["tilde_A"]).add_(z_A, alpha=p["std_A"]))
-        if p["n_before"]:  # noisier than y
+        # noisier than y: eta_b ybar / s + (1 - eta_b) vx0 + sqrt(sigma'^2 - eta_b^2 sigma_y^2 / s^2) z_B
+        if p["n_before"]:
             val = rb.take(y_term_B)
             if eta_b != 1.0:
                 val.add_(rb.view(v_x0), alpha=1 - eta_b)
             rb.put(nxt, val.addcmul_(p["diff_B"], rb.view(z_B)))
 
+        # x_next = sqrt(a') V(.)
         x_next = operator.V(nxt).reshape(img_shape).to(dtype).mul_(p["sqrt_a_next"])
         if callback is not None:
             callback(StepInfo(i=k, steps=n_steps, t=p["t"], x_t=x, x0=x0))

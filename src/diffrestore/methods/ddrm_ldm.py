@@ -1,5 +1,4 @@
-"""DDRM-LDM: latent diffusion with DDRM-style data consistency in pixel space (the report's
-"future work", done so that it works).
+"""DDRM-LDM: latent diffusion with DDRM-style data consistency in pixel space.
 
 The report's hybrid (``ddrm_srldm``) forces a latent model to act as a pixel denoiser and collapses.
 Here the diffusion state stays in the latent space the model was trained on, and the measurement is
@@ -26,9 +25,9 @@ satisfies the measurement (exactly for noiseless tasks). ``start`` < 1 begins at
 the encoded, consistent bicubic upsampling of the measurement diffused to that level, replacing the
 noisiest steps, where a small latent model is least reliable. ``stop`` > 0 ends the steps at
 ``t = stop * T`` and returns that step's ``x0c``: an estimate of the posterior mean instead of a sample
-(the perception-distortion knob: 0 for a full sample). Defaults (rho 0.3, start 0.5, stop 0.4) suit the
-epsilon-prediction ``builtin:ldmsr-s``; ``start=0.8, stop=0.6`` suits v-prediction priors such as
-``builtin:ldmsr-xs``. The measurements behind these choices are in docs/methods.md.
+(the perception-distortion knob: 0 for a full sample). The defaults (rho 0.3, start 0.5, stop 0.4) suit
+the epsilon-prediction ``builtin:ldmsr-s``; ``start=0.8, stop=0.6`` suits v-prediction priors such as
+``builtin:ldmsr-xs`` (why: docs/methods.md).
 Cost per step: one UNet call, one decode, one encode.
 """
 
@@ -96,16 +95,19 @@ def restore(
     for i in range(len(schedule)):
         t = int(schedule.timesteps[i])
         a_t = float(schedule.alphas[i])
+        # 1. e = eps_theta(z_t, t, lr), z0 = (z_t - sqrt(1 - a_t) e) / sqrt(a_t); 2. x0 = D(z0)
         e = prior.eps(z, torch.full((z.shape[0],), t, device=device, dtype=torch.int64), lr)
         z0 = (z - (1 - a_t) ** 0.5 * e) / a_t**0.5
         x0 = prior.decode(z0)
         last = i == len(schedule) - 1
-        # the returned estimate is a clean one: only the floor rho remains of its assumed error
+        # 3. data consistency with error std tau_t; the returned estimate is a clean one: only the floor
+        # rho remains of its assumed error
         x0c = spectral_consistency(operator, x0, y, sigma_y, rho if last else estimate_error_std(a_t, rho))
         if callback is not None:
             callback(StepInfo(i=i, steps=len(schedule), t=t, z_t=z, x_t=lambda z=z: prior.decode(z), x0=x0c))
         if last:
             break
+        # 4. z0c = E(x0c), e_c = (z_t - sqrt(a_t) z0c) / sqrt(1 - a_t), one DDIM step
         z0c = prior.encode(x0c)
         e_c = (z - a_t**0.5 * z0c) / (1 - a_t) ** 0.5
         noise = randn(tuple(z.shape)).to(device)

@@ -1,4 +1,4 @@
-"""DDRM-SRLDM: the report's hybrid (Sec. 3.3, Fig. 5), reproduced as it was done — it fails.
+"""DDRM-SRLDM: the report's hybrid (Sec. 3.3, Fig. 5) as the report built it, which fails (kept to show why).
 
 DDRM runs in pixel space and needs a pixel noise prediction ``eps(x_t, t)``. The report obtained one
 from the latent SR model (conditioned on the degraded image downscaled to the latent size) in one
@@ -14,7 +14,6 @@ not a unit-variance noise estimate (its scale is about ``sqrt(1-a_t) - sqrt(1-a_
 far below 1, so DDRM's ``x0 = (x_t - sqrt(1-a_t) eps) / sqrt(a_t)`` keeps almost all of the noise);
 and the decoder maps latents to natural images, so ``D(eps_latent)`` is an image-like pattern, not
 Gaussian pixel noise. In both cases the encoder also sees pixel-space noise it was never trained on.
-The measured outcome is in the README (a row of the comparison).
 """
 
 from __future__ import annotations

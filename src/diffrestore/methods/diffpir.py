@@ -230,8 +230,10 @@ def restore(
         eps = prior.eps(x, torch.full((B,), t, device=device, dtype=torch.long))
         if eps.shape[1] == 2 * C:  # learned-sigma output: keep the epsilon channels
             eps = eps[:, :C]
-        # x0 from float64 coefficients, as guided-diffusion's sqrt_recip(m1)_alphas_cumprod
+        # 1. the network as denoiser: x0 = clamp((x_t - sqrt(1 - a_t) eps) / sqrt(a_t)), from float64
+        # coefficients as guided-diffusion's sqrt_recip(m1)_alphas_cumprod
         x0 = (x * float((1 / a).sqrt()) - eps * float((1 / a - 1).sqrt())).clamp_(-1, 1)
+        # 2. data step: argmin_x ||y - H x||^2 + rho_t ||x - x0||^2
         x0_data = None
         if i < last or not official_output:
             x0_data = data_step(x0, rhos[i]).to(dtype)
@@ -239,6 +241,7 @@ def restore(
             callback(StepInfo(i=i, steps=len(ts), t=t, x_t=x, x0=x0, x0_data=x0_data))
         if i == last:
             return x if official_output else x0_data
+        # 3. x_t' = sqrt(a_t') x0 + sqrt(1 - a_t') (sqrt(1 - zeta) eps_hat + sqrt(zeta) z)
         a_next = ac64[ts[i + 1]]
         eps_hat = (x - x0_data * float(a.sqrt())) / float((1 - a).sqrt())
         s_next = float((1 - a_next).sqrt())

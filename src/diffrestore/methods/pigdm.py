@@ -33,7 +33,7 @@ default here, and the same weighting (at ``r_T``) replaces ``H^+`` in the initia
 ``sigma_y = 0`` both are the same.
 
 Gradients. The vector-Jacobian product needs autograd through the prior's ``eps`` (one backward pass
-per step: about 2.3x DDRM's per-step cost with ``builtin:pixel-s`` at 256x256 on a CPU). A prior run as
+per step, so a step costs a few times DDRM's; docs/methods.md). A prior run as
 frozen TorchScript graphs cannot give it and is refused, as is any prior whose ``eps`` comes back
 without a graph; a bf16 prior works (its backward pass runs in bf16).
 """
@@ -100,9 +100,11 @@ def pigdm_step(prior, x_t, t: int, a_t, a_s, residual, z, *, eta: float, guidanc
     """One ΠGDM step from ``x_t`` at timestep ``t`` (cumulative alphas ``a_t``, ``a_s``: float32 0-dim
     tensors) with the fresh draw ``z``; returns ``(x_s, x0, eps, g)`` (all detached)."""
     C = x_t.shape[1]
+    # DDIM coefficients c1 (fresh noise), c2 (predicted noise) and the guidance scale sqrt(a_s) sqrt(a_t) w
     c1 = ((1 - a_t / a_s) * (1 - a_s) / (1 - a_t)).sqrt() * eta
     c2 = ((1 - a_s) - c1**2).sqrt()
     coeff = a_s.sqrt() * a_t.sqrt() * guidance_weight
+    # x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), kept on the autograd graph
     x = x_t.detach().requires_grad_(True)
     t_tensor = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
     with torch.enable_grad():
@@ -112,9 +114,11 @@ def pigdm_step(prior, x_t, t: int, a_t, a_s, residual, z, *, eta: float, guidanc
         x0 = (x - eps * float((1 - a_t).sqrt())) / float(a_t.sqrt())
     if not eps.requires_grad:
         raise MethodArgumentError(f"{NO_GRADIENTS}; this prior's eps is not differentiable")
+    # g = (d x0 / d x_t)^T mat, mat the (weighted) pseudo-inverse of the residual y - H x0
     x0_d, eps = x0.detach(), eps.detach()
     mat = residual(x0_d, a_t).to(x0_d)
     (g,) = torch.autograd.grad(x0, x, grad_outputs=mat)
+    # x_s = sqrt(a_s) x0 + c1 z + c2 eps + sqrt(a_s) sqrt(a_t) w g
     x_s = x0_d * float(a_s.sqrt()) + z * float(c1) + eps * float(c2) + g * float(coeff)
     return x_s, x0_d, eps, g
 

@@ -144,12 +144,14 @@ def restore(
     for k, t in enumerate(reversed(seq)):
         n0 = randn(img_shape).to(device=device, dtype=dtype)
         n = randn(img_shape).to(device=device, dtype=dtype)
+        # x0 = mu + sigma_x0 n0, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) n, eps = net(x_t, t)
         x0 = mu + n0 * sigma_x0  # a new tensor: the Adam step below changes mu in place
         a_t, w_t = reg_schedule(ac, t, reg_weight)
         x_t = x0 * float(a_t.sqrt()) + n * float((1 - a_t).sqrt())
         eps = prior.eps(x_t, torch.full((B,), float(t), device=device, dtype=torch.float32))
         if eps.shape[1] == 2 * C:  # learned-sigma output: keep the epsilon channels
             eps = eps[:, :C]
+        # the loss's gradient w_t (eps - n) / D - obs_weight H^T (y - H x0) / m, then one Adam step on mu
         misfit = operator.Ht(y - operator.H(x0)).reshape(img_shape)
         grad = (eps.to(dtype) - n) * (float(w_t) / D) - misfit * (obs_weight / m)
         adam.step(grad)

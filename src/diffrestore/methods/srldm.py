@@ -39,7 +39,7 @@ from .ddim import check_eta, check_range, ddim_sample, ddim_schedule
 LR_FILTERS = ("bicubic", "area", "bilinear")
 #: default ``rho``: the assumed error std (in [-1, 1] units) of SRLDM's output on the rows H observes,
 #: which weighs it against a noisy measurement in the ``consistency`` step
-CONSISTENCY_RHO = 0.3
+SRLDM_CONSISTENCY_RHO = 0.3
 
 
 def check_values(*, eta: float, start: float, lr_filter: str, rho: float, **_) -> None:
@@ -123,7 +123,7 @@ def restore(
     lr_filter: str = "bicubic",
     start: float = 1.0,
     consistency: bool = False,
-    rho: float = CONSISTENCY_RHO,
+    rho: float = SRLDM_CONSISTENCY_RHO,
 ) -> torch.Tensor:
     """SRLDM restoration of ``y``; returns x_hat (B, C, H, W) in [-1, 1].
 

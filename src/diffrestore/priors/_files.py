@@ -109,7 +109,7 @@ def _torch_load(path: Path, **kwargs) -> Any:
     return torch.load(path, map_location="cpu", **kwargs)
 
 
-def load_checkpoint(path: Path) -> Any:
+def load_weights(path: Path) -> Any:
     """The object stored in a ``.pt``/``.ckpt``/``.safetensors`` file, without running pickled code.
 
     ``torch.load(weights_only=True)``; a checkpoint that also pickles other objects (official Lightning
@@ -153,9 +153,9 @@ def tensor_state_dict(obj: Any, path: Path | str = "checkpoint") -> dict[str, to
     return {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """``tensor_state_dict(load_checkpoint(path))``."""
-    return tensor_state_dict(load_checkpoint(path), path)
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """``tensor_state_dict(load_weights(path))``."""
+    return tensor_state_dict(load_weights(path), path)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,10 +3,9 @@
 Why: a small network spends a large share of each call outside its convolutions — Python dispatch in
 diffusers' forward, weight re-layout before every oneDNN convolution, separate element-wise kernels. A
 graph traced once, frozen (weights become constants) and passed through ``torch.jit.optimize_for_inference``
-(pre-packed oneDNN weights, fused conv + add/activation on CPU) removes some of that. On one CPU thread
-(``bench/latent_speed.py``, eager and frozen side by side) it pays off for the latent UNets (SRLDM per step
-0.9x the eager time in fp32, 0.55x in bf16) but not for a pixel UNet in fp32 (DDRM + ``pixel-s`` 1.3x
-slower; in bf16 a tie), so ``frozen_graphs_pay_off`` leaves that one eager.
+(pre-packed oneDNN weights, fused conv + add/activation on CPU) removes some of that. It pays off for the
+latent UNets but not for a pixel UNet in fp32 on a CPU (docs/methods.md), so ``frozen_graphs_pay_off``
+leaves that one eager.
 
 A graph is traced per input signature (shapes, dtypes, device), because diffusers' forward takes Python
 branches on shapes; the first call with a new signature traces it (about a second for the small priors)
@@ -19,6 +18,8 @@ import warnings
 
 import torch
 from torch import nn
+
+from .base import LatentSRPrior
 
 __all__ = ["FrozenGraphError", "FrozenGraphs", "FrozenUNetMixin", "UNetSample", "frozen_graphs_pay_off"]
 
@@ -93,8 +94,8 @@ class FrozenUNetMixin:
 
     def use_channels_last(self, enabled: bool = True):
         """Keep the UNet's weights and inputs in channels-last memory format (or the default one again), oneDNN's
-        own layout on a CPU, which saves its layout conversions in every convolution (``bench/network_formats.py``:
-        1.1-1.6x the network throughput of the built-in priors). Results differ by float rounding only."""
+        own layout on a CPU, which saves its layout conversions in every convolution (docs/methods.md). Results
+        differ by float rounding only."""
         torch.nn.Module.to(self.unet, memory_format=torch.channels_last if enabled else torch.contiguous_format)
         self._channels_last = bool(enabled)
         if self._frozen_unet is not None:  # graphs hold the weights in the old layout: trace again
@@ -123,7 +124,7 @@ def frozen_graphs_pay_off(prior) -> bool:
     """Whether frozen graphs run ``prior`` faster than eager: latent priors always; a pixel prior not in float32
     on a CPU, where its frozen graph is slower (its large convolutions gain nothing from pre-packing while
     the graph loses PyTorch's eager oneDNN paths)."""
-    if hasattr(prior, "encode"):
+    if isinstance(prior, LatentSRPrior):
         return True
     weight = next(prior.unet.parameters())
     return not (weight.dtype == torch.float32 and weight.device.type == "cpu")

@@ -35,11 +35,11 @@ from typing import Mapping
 import torch
 from diffusers import UNet2DModel, VQModel
 
-from ._files import first_line, read_checkpoint, read_yaml
+from ._files import first_line, read_state_dict, read_yaml
 from .base import PriorLoadError, ldm_alphas_cumprod
 from .latent import DiffusersLatentSRPrior, load_diffusers_latent_sr
 
-__all__ = ["convert_ldm_sr", "load_latent_sr", "read_checkpoint", "unet_config_from_ldm", "vq_config_from_ldm"]
+__all__ = ["convert_ldm_sr", "load_latent_sr", "read_state_dict", "unet_config_from_ldm", "vq_config_from_ldm"]
 
 UNET_PREFIX = "model.diffusion_model."
 VQ_PREFIX = "first_stage_model."
@@ -70,7 +70,7 @@ def load_latent_sr(
         raise PriorLoadError(f"{p}: no such file or folder")
     cfg = config if isinstance(config, dict) else read_yaml(_find_yaml(p, config), _YAML_EXPECTED)
     if state_dict is None:
-        state_dict = read_checkpoint(p)
+        state_dict = read_state_dict(p)
     unet, vq, alphas_cumprod, scale = convert_ldm_sr(state_dict, cfg, use_ema=use_ema, where=str(p))
     return DiffusersLatentSRPrior(
         unet, vq, alphas_cumprod, latent_scale=scale, quantize_on_decode=quantize_on_decode, dtype=dtype

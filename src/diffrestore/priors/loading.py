@@ -4,7 +4,7 @@ Accepted specs (``catalog.SPEC_FORMATS`` words them for the CLI):
 
 * a guided-diffusion (ADM) state dict (``.pt``; ``.safetensors`` too), e.g. ``256x256_diffusion_uncond.pt``:
   recognised by its keys; hyper-parameters are read off key names and shapes (see
-  ``adm.infer_adm_hparams``; pass ``adm_config={...}`` for what weights cannot tell, e.g.
+  ``adm_weights.infer_adm_hparams``; pass ``adm_config={...}`` for what weights cannot tell, e.g.
   ``num_head_channels``, ``use_new_attention_order``);
 * a diffusers ``UNet2DModel`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), or a folder
   holding it as ``unet/`` with an optional ``scheduler/scheduler_config.json`` (pipeline layout);
@@ -29,7 +29,8 @@ from diffusers import UNet2DModel
 from diffrestore.runtime import auto_dtype
 
 from . import adm as _adm
-from ._files import first_line, from_pretrained, load_checkpoint, read_json, resolve_dtype, tensor_state_dict
+from . import adm_weights as _adm_weights
+from ._files import first_line, from_pretrained, load_weights, read_json, resolve_dtype, tensor_state_dict
 from .base import LatentSRPrior, PixelPrior, PriorLoadError, scheduler_alphas_cumprod
 from .catalog import BUILTIN_PREFIX, builtin_dir, require_weights, resolve_spec
 from .frozen import frozen_graphs_pay_off
@@ -100,7 +101,7 @@ def _is_ldm_checkpoint(obj: Any) -> bool:
 
 def _unwrap_state_dict(obj: Any) -> Any:
     """Plain state dict, or the one under ``state_dict``/``model``/``ema``; ``module.`` prefixes removed."""
-    if isinstance(obj, dict) and not _adm.is_adm_state_dict(obj):
+    if isinstance(obj, dict) and not _adm_weights.is_adm_state_dict(obj):
         for key in ("state_dict", "model", "ema", "model_ema"):
             inner = obj.get(key)
             if isinstance(inner, dict) and inner:
@@ -112,7 +113,7 @@ def _unwrap_state_dict(obj: Any) -> Any:
 
 
 def _load_file(path: Path, *, device, dtype, kind, adm_overrides) -> PixelPrior | LatentSRPrior:
-    obj = load_checkpoint(path)  # the only read: an LDM checkpoint's tensors go on to the LDM loader
+    obj = load_weights(path)  # the only read: an LDM checkpoint's tensors go on to the LDM loader
     if not isinstance(obj, dict):
         raise PriorLoadError(f"{path}: checkpoint is a {type(obj).__name__}, expected a state dict")
     if _is_ldm_checkpoint(obj):
@@ -123,7 +124,7 @@ def _load_file(path: Path, *, device, dtype, kind, adm_overrides) -> PixelPrior 
             )
         return load_latent_sr(path, state_dict=tensor_state_dict(obj, path), dtype=dtype).to(device)
     sd = _unwrap_state_dict(obj)
-    if not isinstance(sd, dict) or not _adm.is_adm_state_dict(sd):
+    if not isinstance(sd, dict) or not _adm_weights.is_adm_state_dict(sd):
         keys = [str(k) for k in (sd if isinstance(sd, dict) else {})][:3]
         raise PriorLoadError(
             f"{path}: not a guided-diffusion (ADM) UNet state dict (keys {keys}...; expected time_embed.*, "
@@ -145,18 +146,18 @@ def load_adm_checkpoint(
 ) -> UNetPixelPrior:
     """ADM state dict -> ``UNetPixelPrior`` (model built on ``meta``, weights assigned without a copy)."""
     try:
-        hp = _adm.infer_adm_hparams(sd, overrides, where=where)
+        hp = _adm_weights.infer_adm_hparams(sd, overrides, where=where)
         cfg = _adm.adm_config(**hp)
     except (ValueError, TypeError, KeyError) as e:
         raise PriorLoadError(f"{where}: cannot read ADM hyper-parameters ({first_line(e)})") from e
     model = _adm.build_adm_unet(cfg, device="meta")
     try:
-        expected = _adm.convert_diffusers_to_adm_state_dict(model.state_dict(), cfg)
+        expected = _adm_weights.convert_diffusers_to_adm_state_dict(model.state_dict(), cfg)
     except ValueError as e:
         raise PriorLoadError(f"{where}: ADM config is inconsistent ({first_line(e)})") from e
     _check_keys(sd, {k: tuple(v.shape) for k, v in expected.items()}, where, _describe(hp))
     try:
-        converted = _adm.convert_adm_state_dict(sd, cfg)
+        converted = _adm_weights.convert_adm_state_dict(sd, cfg)
     except ValueError as e:
         raise PriorLoadError(f"{where}: {first_line(e)}") from e
     model.load_state_dict(_as_float32(converted), strict=True, assign=True)
@@ -256,7 +257,7 @@ def _load_adm_unet_folder(folder: Path, cfg: dict):
     weights = folder / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         raise PriorLoadError(f"{folder}: no diffusion_pytorch_model.safetensors")
-    sd = load_checkpoint(weights)
+    sd = load_weights(weights)
     try:
         model = _adm.build_adm_unet(cfg, device="meta")
     except (ValueError, TypeError, KeyError) as e:

@@ -1,7 +1,7 @@
 """Tiled priors: run the network on overlapping tiles so that memory is bounded by the tile, not the image.
 
-Why: a diffusion network's activations grow with the image (about 1.3 KB per pixel for
-``builtin:pixel-s``, 17 GB for a 12-megapixel photo), while the methods' data consistency only needs
+Why: a diffusion network's activations grow with the image (more than a kilobyte per pixel for the
+built-in priors), while the methods' data consistency only needs
 the operator's SVD parts, which act on the whole image through small 1-D factors. So only the network
 is tiled; the measurement stays global and exact.
 
@@ -26,18 +26,17 @@ from typing import Callable, Sequence
 
 import torch
 
-from diffrestore import resources
+from diffrestore.resources import DEFAULT_TILE
 
 from .base import LatentSRPrior, PixelPrior
 
 __all__ = [
     "DEFAULT_OVERLAP", "DEFAULT_TILE", "TileError", "TiledLatentSRPrior", "TiledPixelPrior",
-    "activation_bytes_per_pixel", "blend_window", "estimate_peak_bytes", "memory_budget", "plan_tiling",
-    "run_tiled", "tile_starts", "tiled_prior",
+    "activation_bytes_per_pixel", "blend_window", "estimate_peak_bytes", "plan_tiling",
+    "run_tiled", "tile_starts", "tiled_prior", "tiling_budget",
 ]
 
-#: default tile side and overlap in image pixels (docs/results/2026-12-03-tiling.md)
-DEFAULT_TILE = resources.DEFAULT_TILE
+#: default overlap in image pixels, for ``DEFAULT_TILE``-pixel tiles (docs/results/2026-12-03-tiling.md)
 DEFAULT_OVERLAP = 32
 #: irrational steps of the per-axis grid offsets: offsets of successive timesteps spread evenly
 _GOLDEN = (0.6180339887498949, 0.7548776662466927)
@@ -277,7 +276,7 @@ class TiledLatentSRPrior(_TiledMixin, LatentSRPrior):
 
 def tiled_prior(prior, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, **kwargs):
     """``prior`` wrapped in the tiled prior of its kind (``TiledPixelPrior`` or ``TiledLatentSRPrior``)."""
-    cls = TiledLatentSRPrior if hasattr(prior, "encode") else TiledPixelPrior
+    cls = TiledLatentSRPrior if isinstance(prior, LatentSRPrior) else TiledPixelPrior
     return cls(prior, tile, overlap, **kwargs)
 
 
@@ -296,17 +295,15 @@ def activation_bytes_per_pixel(prior) -> float:
 
     ``K * element_size * sum_levels(channels / 4**level)``: the activations a UNet keeps alive (skip
     connections, concatenations, group-norm temporaries) are a roughly fixed multiple ``K`` of its
-    channels at each level. ``K`` is calibrated on peak RSS of one float32 call on a CPU:
-    ``builtin:pixel-s`` 1.27 KB/px at 512x512 (K = 10.6), ``builtin:ldmsr-s`` UNet 0.41 KB per image pixel
-    (K = 16 per latent pixel), its decoder 1.27 KB/px (K = 5.7), encoder 0.59 KB/px; rounded up.
-    Unknown networks count as 2 KB per pixel.
+    channels at each level. ``K`` is calibrated on the peak memory of one float32 call of the built-in
+    priors on a CPU, rounded up (docs/methods.md). Unknown networks count as 2 KB per pixel.
     """
     inner = getattr(prior, "prior", prior)
     unet = getattr(inner, "unet", None)
     if unet is None or not hasattr(unet, "config"):
         return 2048.0
     elt = next(unet.parameters()).element_size()
-    if not hasattr(inner, "encode"):
+    if not isinstance(inner, LatentSRPrior):
         return 12.0 * elt * _unet_sum(unet)
     f = inner.downscale
     unet_px = 18.0 * elt * _unet_sum(unet) / f**2
@@ -316,8 +313,8 @@ def activation_bytes_per_pixel(prior) -> float:
 
 
 #: bytes per image pixel a method keeps for the whole image besides the network: its state, the
-#: prediction, spectral copies and draws (DDRM holds about a dozen float32 images at once; a 12 MP
-#: denoise with 512-pixel tiles peaked at 2.75 GB RSS, ~170 B/px beyond the process and one tile)
+#: prediction, spectral copies and draws (DDRM holds about a dozen float32 images at once; calibration
+#: in docs/methods.md)
 METHOD_BYTES_PER_PIXEL = 180
 _GB = 1024**3
 
@@ -330,7 +327,7 @@ def estimate_peak_bytes(prior, image_hw: tuple[int, int], batch: int = 1, tile: 
     return int(batch * (METHOD_BYTES_PER_PIXEL * H * W + activation_bytes_per_pixel(prior) * net))
 
 
-def memory_budget(device: torch.device | str) -> int:
+def tiling_budget(device: torch.device | str) -> int:
     """Bytes a restoration may use: 90% of the free memory of a CUDA device, 80% of the available RAM
     (``MemAvailable``) otherwise; 8 GB when the system does not say."""
     dev = torch.device(device)
@@ -354,7 +351,7 @@ def plan_tiling(prior, image_hw: tuple[int, int], *, batch: int = 1, device="cpu
     """
     if tile == 0:
         return prior, None
-    budget = memory_budget(device) if budget is None else int(budget)
+    budget = tiling_budget(device) if budget is None else int(budget)
     H, W = image_hw
     note = None
     if tile is None:
