@@ -76,8 +76,8 @@ def test_baseline_is_scored_against_numpy_references():
     # quantized: PSNR of the 8-bit values the saved PNGs hold
     q = restore_and_score(Measurement(x, y, task, None), method=BASELINE, prior=None, steps=None, seed=4, image_id="img",
                           metrics=("psnr",), quantize=True)  # fmt: skip
-    u8 = lambda t: np.round((np.clip(t.numpy(), -1, 1) + 1) * 127.5) / 255  # noqa: E731
-    mse = np.mean((u8(y).astype(np.float64) - u8(x)) ** 2)
+    u8 = lambda t: np.round((np.clip(t.numpy(), -1, 1) + 1) * np.float32(127.5)).astype(np.float64) / 255  # noqa: E731
+    mse = np.mean((u8(y) - u8(x)) ** 2)
     assert q.metrics["psnr"] == pytest.approx(10 * np.log10(1 / mse), abs=1e-9)
 
 
