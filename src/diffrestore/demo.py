@@ -1,41 +1,10 @@
 """``diffrestore demo``: restore a few real photos with the recommended methods and show the results side by side.
 
-What is shown (``demo_columns``): by default the methods a user should pick; with ``report`` the
-report's comparison, whose two failing setups are labelled as such in the grid and the table.
-
-The photos are scikit-image's bundled samples (``skimage.data.astronaut``, ``coffee``, ``chelsea``,
-``rocket``: shipped with the package, no download), prepared as the evaluation prepares its images
-(``evaluation.data.center_crop_resize``: centre square crop, bilinear resize to ``--size``). For each
-(photo, task) the clean photo is degraded once, with a generator seeded from
-``restoration.image_seed(seed, photo + '#measurement')`` exactly as ``diffrestore evaluate`` does; the
-task's baseline (``Task.baseline``, named per task in its caption and in ``metrics.md``) and then
-every method (``restoration.run_method`` with the column's options, seed ``image_seed(seed, photo)``)
-restore that one measurement.
-
-Outputs in OUT (every file written atomically):
-
-* ``images/{photo}_clean.png``, ``images/{photo}_{task}_degraded.png`` (the measurement as an image:
-  64x64 for sr4 at 256), ``images/{photo}_{task}_baseline.png``, ``images/{photo}_{task}_{method}.png``;
-* ``demo_grid.png``: one row per (photo, task), columns clean | degraded | baseline | methods, each
-  column titled (a method's title: name, tags such as ``fails: colour drift``, steps, options), each
-  cell captioned with its PSNR (the best of the row in bold; the baseline's caption names it);
-* ``metrics.md`` / ``metrics.csv``: task | method (and its label) | steps | options | PSNR | SSIM | seconds per image,
-  averaged over the photos, the baseline first within each task; metrics.md also says what the
-  baseline is per task and why a failing setup fails;
-* ``summary.json``: settings, skipped methods, per-restoration records, the table, the grid layout,
-  wall time and peak memory (written last: its presence means the demo finished).
-
-Metric convention: PSNR and SSIM are computed on the **8-bit images that are saved**
-(``metrics.psnr(..., quantize=True)``: the restored float image rounded exactly as the PNG writer
-rounds it), so every number can be recomputed from the PNGs in ``images/``. The clean photos are
-8-bit to begin with.
-
-Priors not trained yet: a built-in prior whose folder is still incomplete (e.g. ``ldmsr-s`` without
-``unet/`` while it trains) makes the demo skip the methods that need it, with a warning, as long as
-the methods were not named with ``--methods`` and at least one method remains. A method named with
-``--methods`` whose prior cannot be loaded, or a prior given by path that fails to load, is an error.
-Every user error (unknown method or task, bad size, missing prior) is raised before anything is
-written.
+scikit-image's bundled sample photos (no download) are prepared as the evaluation prepares its images,
+degraded once per task with the evaluation's seeding, and restored by the task's baseline and every
+method through ``restoration.restore_and_score``; PSNR and SSIM are computed on the saved 8-bit PNGs so
+every number can be recomputed from the files. docs/demo.md lists the outputs and the rules for priors
+that are not trained yet.
 """
 
 from __future__ import annotations
