@@ -177,11 +177,12 @@ def cmd_restore(args) -> int:
         kind = prior_kind(prior)
         if kind != info.prior:
             raise CLIError(f"method {info.name} needs a {info.prior} prior, but {args.prior} is a {kind} prior")
-        setting = dict(method=info.name, prior=prior, prior_spec=args.prior, task_name=args.task, overrides=overrides,
-                       degrade=args.degrade, steps=args.steps, seed=args.seed, device=str(device),
-                       method_kwargs=method_kwargs, adm_config=adm_config, dtype=dtype_name)  # fmt: skip
-        results = restore_files(images, mask=mask, out=out, written=written, progress=not args.no_progress,
-                                tile=args.tile, overlap=args.overlap, **setting)  # fmt: skip
+        results = restore_files(
+            images, method=info.name, prior=prior, prior_spec=args.prior, task_name=args.task, overrides=overrides,
+            degrade=args.degrade, mask=mask, steps=args.steps, seed=args.seed, device=str(device), out=out,
+            written=written, method_kwargs=method_kwargs, progress=not args.no_progress, adm_config=adm_config,
+            dtype=dtype_name, tile=args.tile, overlap=args.overlap,
+        )  # fmt: skip
     for r in results:
         line = f"{r['input']}: {r['method']} {r['task']} in {r['seconds']:.1f}s"
         if "psnr" in r:
