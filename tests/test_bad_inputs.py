@@ -232,6 +232,7 @@ ROWS = [
     ("eval-steps-beyond-schedule", evaluate("--methods", "ddrm", "--pixel-prior", PRIOR, "--steps", "1000000"), "timesteps",
      {"check": "corrected_evaluate"}),
     ("eval-steps-0", evaluate("--steps", "0"), "--steps", {}),
+    ("eval-steps-method-0", evaluate("--steps", "ddrm:0"), "--steps", {}),
     ("eval-steps-not-a-number", evaluate("--steps", "x"), "--steps", {}),
     ("eval-device-bogus", evaluate("--device", "bogus"), "bogus", {}),
     pytest.param("eval-device-cuda-without-gpu", evaluate("--device", "cuda"), "CUDA", {}, marks=NO_CUDA),
@@ -258,6 +259,7 @@ ROWS = [
     ("demo-device-bogus", demo("--device", "bogus"), "bogus", {}),
     ("demo-max-pixels", demo("--size", "64", "--max-pixels", "100"), "--max-pixels", {}),
     ("demo-steps-0", demo("--steps", "0"), "--steps", {}),
+    ("demo-steps-method-negative", demo("--steps", "ddrm:-3"), "--steps", {}),
     ("demo-max-memory-tiny", demo("--size", "32", "--max-memory", "1K"), "--max-memory", {}),
 ]
 

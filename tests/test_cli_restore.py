@@ -370,3 +370,27 @@ def test_bad_option_is_one_line_error(tmp_path, photo, ldm, option, says, capsys
                  "--out", str(out), "--degrade", "--no-progress", "--option", option]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0] and _no_files(out)
+
+
+@pytest.mark.parametrize("method,prior,steps", [("ddrm", "adm", None), ("srldm", "ldm", None), ("ddrm", "adm", 7)])
+def test_the_record_holds_the_steps_the_method_ran(tmp_path, photo, adm, ldm, method, prior, steps, monkeypatch):
+    """Without --steps the record says the method's registry default, not null; either way it equals the
+    step count the method was called with."""
+    from diffrestore import restoration
+    from diffrestore.methods import get_method
+
+    called = []
+    real = restoration.run_method
+
+    def spy(name, *args, **kwargs):
+        called.append(kwargs["steps"])
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(restoration, "run_method", spy)
+    out = tmp_path / "out"
+    extra = [] if steps is None else ["--steps", str(steps)]
+    assert main(["restore", str(photo), "--task", "denoise", "--method", method, "--prior", {"adm": adm, "ldm": ldm}[prior],
+                 "--out", str(out), "--no-progress", *extra]) == 0  # fmt: skip
+    record = json.loads((out / f"photo_denoise_{method}.json").read_text())
+    expected = get_method(method).default_steps if steps is None else steps
+    assert called == [expected] and record["steps"] == expected and type(record["steps"]) is int

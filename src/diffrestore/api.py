@@ -87,19 +87,46 @@ def run(
             ones that measured better (``diffrestore methods`` shows both).
         options: any other method option by name (``eta=1.0``, ``consistency=True``...).
     """
-    import torch
-
-    from diffrestore.methods import check_options, get_method, preset_options
-    from diffrestore import resources
-    from diffrestore.operators.tasks import check_task, get_task_spec, measurement_factor
-    from diffrestore.runtime import pick_dtype
-    from diffrestore.restoration import (
-        prepare_measurement, quality_record, resolve_steps, restore_measurement, std_map_image, used_options,
-    )
+    from diffrestore.methods import get_method
+    from diffrestore.restoration import prepare_measurement, prior_kind, restore_and_score, std_map_image
 
     info = get_method(method)
-    given = {**preset_options(info.name, preset), **check_options(info.name, {**options, "samples": samples})}
     overrides = {k: v for k, v in (("sigma_y", sigma_y), ("blur_sigma", blur_sigma), ("scale", scale)) if v is not None}
+    given = _check_settings(info, task, steps, samples, overrides, preset, options, tile, overlap)
+    x, as_tensor = _to_tensor(image)
+    _check_memory(info, task, x, samples, degrade, overrides, device, tile, max_memory)
+    mask_t = None if mask is None else _to_tensor(mask)[0][0]
+    spec = str(prior) if prior is not None else _default_prior(info.prior)
+    dtype = _pick_dtype(dtype, preset, device)
+    loaded = load_prior_cached(spec, device, None if dtype == "fp32" else dtype, json.dumps(adm_config, sort_keys=True) if adm_config else None)
+    kind = prior_kind(loaded)
+    if kind != info.prior:
+        raise ValueError(f"method {info.name} needs a {info.prior} prior, but {spec} is a {kind} prior")
+    image_id = _image_id(image)
+    measurement = prepare_measurement(x[0], image_id=image_id, task_name=task, overrides=overrides, prior=loaded,
+                                      degrade=degrade, mask=mask_t, seed=seed, device=device)
+    result = restore_and_score(measurement, method=info.name, prior=loaded, steps=steps, seed=seed, image_id=image_id,
+                               options=given, tile=tile, overlap=overlap, callback=callback, baseline=True)
+    record = {
+        "method": info.name, "task": task, "prior": spec, "steps": result.steps, "options": result.options,
+        "seed": seed, "sigma_y": result.task.sigma_y, "overrides": overrides, "size": list(result.x_hat.shape[-2:]),
+        "crop": result.note, "seconds": result.seconds, "device": str(device), "dtype": dtype, **result.quality(),
+    }  # fmt: skip
+
+    std = None if result.std is None else std_map_image(result.std)
+    degraded = result.task.operator.to_image(result.y) if degrade else None
+    return Restoration(*(_output(t, as_tensor) for t in (result.x_hat, std, degraded)), record)
+
+
+def _check_settings(info, task: str, steps, samples, overrides: dict, preset, options: dict, tile, overlap) -> dict:
+    """The checks of ``run`` that need no image and no model (as the CLI's): method options and preset,
+    steps, task parameters, tiling. Returns the method options to pass."""
+    from diffrestore import resources
+    from diffrestore.methods import check_options, preset_options
+    from diffrestore.operators.tasks import check_task
+    from diffrestore.restoration import resolve_steps
+
+    given = {**preset_options(info.name, preset), **check_options(info.name, {**options, "samples": samples})}
     resolve_steps(info.name, steps)  # the prior's limit is checked again once it is loaded
     check_task(task, **overrides)
     if tile is not None or overlap is not None:
@@ -108,41 +135,28 @@ def run(
         if tile != 0:
             size = tile or resources.DEFAULT_TILE
             check_tiling(size, default_overlap(size) if overlap is None else overlap)
-    x, as_tensor = _to_tensor(image)
+    return given
+
+
+def _check_memory(info, task: str, x, samples, degrade, overrides: dict, device, tile, max_memory) -> None:
+    """Refuse, before any model loads, a restoration of ``x`` whose memory estimate exceeds the budget."""
+    from diffrestore import resources
+    from diffrestore.operators.tasks import get_task_spec, measurement_factor
+
     factor = 1 if degrade else measurement_factor(task, **overrides)
     h, w = x.shape[-2] * factor, x.shape[-1] * factor
     resources.check_memory(h, w, resources.memory_budget(max_memory, str(device)), samples=samples, kind=info.prior,
                            separable=get_task_spec(task).separable,
                            tile=None if tile == 0 else (tile or resources.DEFAULT_TILE), what=f"{h}x{w} restored")
-    mask_t = None if mask is None else _to_tensor(mask)[0][0]
-    spec = str(prior) if prior is not None else _default_prior(info.prior)
+
+
+def _pick_dtype(dtype, preset, device) -> str:
+    """The network precision's name: "paper" runs in fp32 unless a dtype is given, "auto" as the CLI."""
+    from diffrestore.runtime import pick_dtype
+
     if preset == "paper" and dtype == "auto":
         dtype = "fp32"
-    dtype = pick_dtype(dtype, device)
-    loaded = load_prior_cached(spec, device, None if dtype == "fp32" else dtype, json.dumps(adm_config, sort_keys=True) if adm_config else None)
-    kind = "latent" if hasattr(loaded, "encode") else "pixel"
-    if kind != info.prior:
-        raise ValueError(f"method {info.name} needs a {info.prior} prior, but {spec} is a {kind} prior")
-    image_id = _image_id(image)
-    measurement = prepare_measurement(x[0], image_id=image_id, task_name=task, overrides=overrides, prior=loaded,
-                                      degrade=degrade, mask=mask_t, seed=seed, device=device)
-    result = restore_measurement(measurement, method=info.name, prior=loaded, steps=steps, seed=seed,
-                                 image_id=image_id, callback=callback, method_kwargs=given, tile=tile, overlap=overlap)
-    record = {
-        "method": info.name, "task": task, "prior": spec, "steps": result.steps,
-        "options": used_options(info.name, given), "seed": seed, "sigma_y": result.task.sigma_y,
-        "overrides": overrides, "size": list(result.x_hat.shape[-2:]), "crop": result.note,
-        "seconds": result.seconds, "device": str(device), "dtype": dtype, **quality_record(result),
-    }  # fmt: skip
-
-    def out(t: torch.Tensor | None):
-        if t is None:
-            return None
-        return t.detach().cpu() if as_tensor else _to_pil(t)
-
-    std = None if result.std is None else std_map_image(result.std)
-    degraded = result.task.operator.to_image(result.y) if degrade else None
-    return Restoration(out(result.x_hat), out(std), out(degraded), record)
+    return pick_dtype(dtype, device)
 
 
 @functools.lru_cache(maxsize=4)
@@ -191,6 +205,13 @@ def _to_tensor(image):
             raise ValueError("the tensor image has non-finite values")
         return (t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t), True
     raise ValueError(f"cannot read an image from a {type(image).__name__}; give a path, PIL image, array or tensor")
+
+
+def _output(t, as_tensor: bool):
+    """An output image in the input's kind: a CPU tensor for a tensor input, else a PIL image."""
+    if t is None:
+        return None
+    return t.detach().cpu() if as_tensor else _to_pil(t)
 
 
 def _to_pil(t):

@@ -7,6 +7,7 @@ decoded, then the task, device and memory estimate, and only then is the prior l
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from diffrestore import image_io, resources, runtime
@@ -120,6 +121,30 @@ def _estimate_tile(args) -> int | None:
     return None if args.tile == 0 else (args.tile or resources.DEFAULT_TILE)
 
 
+def _method_kwargs(args, info) -> dict:
+    """The method options of the command line (its own flags, ``--option NAME=VALUE``, ``--preset``),
+    checked against the method's options and ranges before anything is loaded."""
+    from diffrestore.methods import check_frozen_graphs, check_options, method_options, preset_options
+
+    given = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start, "stop": args.stop, "samples": args.samples}
+    unknown = [k for k, v in given.items() if v is not None and k not in method_options(info.name)]
+    if unknown:
+        raise CLIError(f"method {info.name} has no option --{unknown[0].replace('_', '-')}")
+    for item in args.option:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise CLIError(f"--option {item!r} is not NAME=VALUE")
+        if given.get(name.strip()) is not None:
+            raise CLIError(f"option {name.strip()} is given twice")
+        given[name.strip()] = value.strip()
+    try:  # values out of range: refused before anything is loaded
+        given = {**preset_options(info.name, args.preset), **check_options(info.name, given)}
+        check_frozen_graphs([info.name], args.frozen_graphs)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return given
+
+
 def cmd_restore(args) -> int:
     sizes = _restore_early_checks(args)
     # decoded before torch loads and before anything is written: a bad file costs a fraction of a second
@@ -128,9 +153,9 @@ def cmd_restore(args) -> int:
 
     import torch
 
-    from diffrestore.methods import check_frozen_graphs, check_options, get_method, method_options, preset_options
-    from diffrestore.restoration import restore_file_inputs
+    from diffrestore.methods import get_method
     from diffrestore.priors.loading import load_prior
+    from diffrestore.restoration import prior_kind
 
     device = resources.resolve_device(args.device)
     info = get_method(args.method)
@@ -138,25 +163,9 @@ def cmd_restore(args) -> int:
         args.prior = DEFAULT_PRIORS[info.prior]
     adm_config = parse_adm_config(args.adm_config)
     check_tile_options(args)
-    method_kwargs = {"eta": args.eta, "eta_b": args.eta_b, "start": args.start, "stop": args.stop, "samples": args.samples}
-    unknown = [k for k, v in method_kwargs.items() if v is not None and k not in method_options(info.name)]
-    if unknown:
-        raise CLIError(f"method {info.name} has no option --{unknown[0].replace('_', '-')}")
-    for item in args.option:
-        name, eq, value = item.partition("=")
-        if not eq or not name.strip():
-            raise CLIError(f"--option {item!r} is not NAME=VALUE")
-        if method_kwargs.get(name.strip()) is not None:
-            raise CLIError(f"option {name.strip()} is given twice")
-        method_kwargs[name.strip()] = value.strip()
-    try:  # values out of range: refused before anything is loaded
-        method_kwargs = {**preset_options(info.name, args.preset), **check_options(info.name, method_kwargs)}
-        check_frozen_graphs([info.name], args.frozen_graphs)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    method_kwargs = _method_kwargs(args, info)
     overrides = {k: v for k, v in (("sigma_y", args.sigma_y), ("blur_sigma", args.blur_sigma), ("scale", args.scale)) if v is not None}
     _restore_checks(args, info, overrides, device, sizes, samples=method_kwargs.get("samples", 1))
-    steps = args.steps if args.steps is not None else info.default_steps
 
     images = [(p, image_io.rgb_to_tensor(img)) for p, img in pictures]
     mask = image_io.rgb_to_tensor(mask_picture) if mask_picture is not None else None
@@ -165,30 +174,15 @@ def cmd_restore(args) -> int:
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     with image_io.writing_into(out) as written:
         prior = load_prior(args.prior, device=str(device), dtype=dtype, adm_config=adm_config, frozen_graphs=args.frozen_graphs)
-        kind = "latent" if hasattr(prior, "encode") else "pixel"
+        kind = prior_kind(prior)
         if kind != info.prior:
             raise CLIError(f"method {info.name} needs a {info.prior} prior, but {args.prior} is a {kind} prior")
-        results = restore_file_inputs(
-            images,
-            method=info.name,
-            prior=prior,
-            prior_spec=args.prior,
-            task_name=args.task,
-            overrides=overrides,
-            degrade=args.degrade,
-            mask=mask,
-            steps=steps,
-            seed=args.seed,
-            device=str(device),
-            out=out,
-            written=written,
-            method_kwargs=method_kwargs,
-            progress=not args.no_progress,
-            adm_config=adm_config,
-            dtype=dtype_name,
-            tile=args.tile,
-            overlap=args.overlap,
-        )
+        results = restore_files(
+            images, method=info.name, prior=prior, prior_spec=args.prior, task_name=args.task, overrides=overrides,
+            degrade=args.degrade, mask=mask, steps=args.steps, seed=args.seed, device=str(device), out=out,
+            written=written, method_kwargs=method_kwargs, progress=not args.no_progress, adm_config=adm_config,
+            dtype=dtype_name, tile=args.tile, overlap=args.overlap,
+        )  # fmt: skip
     for r in results:
         line = f"{r['input']}: {r['method']} {r['task']} in {r['seconds']:.1f}s"
         if "psnr" in r:
@@ -198,3 +192,70 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def restore_files(
+    images, *, method: str, prior, prior_spec: str, task_name: str, overrides: dict, degrade: bool, mask,
+    steps: int | None, seed: int, device: str, out: Path, written: list, method_kwargs: dict, progress: bool = True,
+    adm_config: dict | None = None, dtype: str | None = None, tile: int | None = None, overlap: int | None = None,
+) -> list[dict]:
+    """Restore image files one by one and write PNGs + a JSON record per image into ``out``.
+
+    ``images`` is a list of (path, tensor (3, H, W) in [-1, 1]). Every measurement is built before the
+    first restoration, so an input the run cannot take stops it before any model runs. Every file
+    written is appended to ``written`` so the caller can remove them if a later image fails.
+    ``adm_config`` (the prior's ``--adm-config``, if any) and ``dtype`` (the network precision's name)
+    go into the records; ``tile`` / ``overlap``: see ``restoration.run_method``.
+    """
+    from tqdm.auto import tqdm
+
+    from diffrestore.progress import RestorationProgress
+    from diffrestore.restoration import prepare_measurement, resolve_steps, restore_and_score
+
+    stems = [p.stem for p, _ in images]
+    if len(set(stems)) != len(stems):
+        raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
+    steps = resolve_steps(method, steps, prior)
+    inputs = []
+    for path, img in images:
+        m = prepare_measurement(img, image_id=path.name, task_name=task_name, overrides=overrides, prior=prior,
+                                degrade=degrade, mask=mask, seed=seed, device=device)
+        if m.note is not None:
+            print(f"{path.name}: {m.note}", file=sys.stderr)
+        inputs.append((path, m))
+    records = []
+    for path, m in tqdm(inputs, desc="images", unit="img", disable=not progress or len(images) == 1):
+        step_bar = RestorationProgress(f"{path.name} {method}", enabled=progress)
+        result = restore_and_score(m, method=method, prior=prior, steps=steps, seed=seed, image_id=path.name,
+                                   options=method_kwargs, tile=tile, overlap=overlap, callback=step_bar.step,
+                                   on_tiles=step_bar.tiles, baseline=True)  # fmt: skip
+        step_bar.close()
+        record = {
+            "input": str(path), "image_id": path.name, "method": method, "task": task_name, "prior": prior_spec,
+            **({"adm_config": adm_config} if adm_config is not None else {}),
+            "steps": result.steps, "options": result.options, "seed": seed, "sigma_y": result.task.sigma_y,
+            "overrides": dict(overrides), "size": list(result.x_hat.shape[-2:]), "crop": result.note,
+            "seconds": result.seconds, "device": str(device), **result.quality(),
+            **({"dtype": dtype} if dtype is not None else {}),
+        }  # fmt: skip
+        records.append(_write_result(out, path.stem, task_name, method, result, record, written))
+    return records
+
+
+def _write_result(out: Path, stem: str, task_name: str, method: str, result, record: dict, written: list) -> dict:
+    """Write one restoration's PNGs (restored, spread map, with a clean image the degraded and clean ones)
+    and its JSON record into ``out``; returns the record (with the spread's statistics)."""
+    from diffrestore.restoration import STD_MAP_WHITE, std_map_image
+
+    name = f"{stem}_{task_name}"
+    files = {f"{name}_{method}.png": result.x_hat}
+    if result.std is not None:
+        files[f"{name}_{method}_std.png"] = std_map_image(result.std)
+        record["sample_std"] = {**result.spread, "png_white": STD_MAP_WHITE}
+    if result.x is not None:
+        files[f"{name}_degraded.png"] = result.task.operator.to_image(result.y)
+        files[f"{stem}_clean.png"] = result.x
+    for file, tensor in files.items():
+        image_io.write_image(out / file, tensor)
+        written.append(out / file)
+    image_io.atomic_write_json(out / f"{name}_{method}.json", record)
+    written.append(out / f"{name}_{method}.json")
+    return record

@@ -1,41 +1,10 @@
 """``diffrestore demo``: restore a few real photos with the recommended methods and show the results side by side.
 
-What is shown (``demo_columns``): by default the methods a user should pick; with ``report`` the
-report's comparison, whose two failing setups are labelled as such in the grid and the table.
-
-The photos are scikit-image's bundled samples (``skimage.data.astronaut``, ``coffee``, ``chelsea``,
-``rocket``: shipped with the package, no download), prepared as the evaluation prepares its images
-(``evaluation.data.center_crop_resize``: centre square crop, bilinear resize to ``--size``). For each
-(photo, task) the clean photo is degraded once, with a generator seeded from
-``restoration.image_seed(seed, photo + '#measurement')`` exactly as ``diffrestore evaluate`` does; the
-task's baseline (``Task.baseline``, named per task in its caption and in ``metrics.md``) and then
-every method (``restoration.run_method`` with the column's options, seed ``image_seed(seed, photo)``)
-restore that one measurement.
-
-Outputs in OUT (every file written atomically):
-
-* ``images/{photo}_clean.png``, ``images/{photo}_{task}_degraded.png`` (the measurement as an image:
-  64x64 for sr4 at 256), ``images/{photo}_{task}_baseline.png``, ``images/{photo}_{task}_{method}.png``;
-* ``demo_grid.png``: one row per (photo, task), columns clean | degraded | baseline | methods, each
-  column titled (a method's title: name, tags such as ``fails: colour drift``, steps, options), each
-  cell captioned with its PSNR (the best of the row in bold; the baseline's caption names it);
-* ``metrics.md`` / ``metrics.csv``: task | method (and its label) | steps | options | PSNR | SSIM | seconds per image,
-  averaged over the photos, the baseline first within each task; metrics.md also says what the
-  baseline is per task and why a failing setup fails;
-* ``summary.json``: settings, skipped methods, per-restoration records, the table, the grid layout,
-  wall time and peak memory (written last: its presence means the demo finished).
-
-Metric convention: PSNR and SSIM are computed on the **8-bit images that are saved**
-(``metrics.psnr(..., quantize=True)``: the restored float image rounded exactly as the PNG writer
-rounds it), so every number can be recomputed from the PNGs in ``images/``. The clean photos are
-8-bit to begin with.
-
-Priors not trained yet: a built-in prior whose folder is still incomplete (e.g. ``ldmsr-s`` without
-``unet/`` while it trains) makes the demo skip the methods that need it, with a warning, as long as
-the methods were not named with ``--methods`` and at least one method remains. A method named with
-``--methods`` whose prior cannot be loaded, or a prior given by path that fails to load, is an error.
-Every user error (unknown method or task, bad size, missing prior) is raised before anything is
-written.
+scikit-image's bundled sample photos (no download) are prepared as the evaluation prepares its images,
+degraded once per task with the evaluation's seeding, and restored by the task's baseline and every
+method through ``restoration.restore_and_score``; PSNR and SSIM are computed on the saved 8-bit PNGs so
+every number can be recomputed from the files. docs/demo.md lists the outputs and the rules for priors
+that are not trained yet.
 """
 
 from __future__ import annotations
@@ -58,10 +27,10 @@ from diffrestore.demo_columns import Column
 from diffrestore.methods import check_frozen_graphs, get_method
 from diffrestore.operators.tasks import get_task_spec
 from diffrestore.priors.catalog import DEFAULT_PRIORS
+from diffrestore.restoration import BASELINE
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 TASKS = ("sr4", "deblur", "denoise", "noisy-sr4")
-BASELINE = "baseline"
 GRID_CELL_PX = 192
 GRID_LABEL_PX = 100
 GRID_COL_TITLE_PX = 76  # four lines of a column title
@@ -227,64 +196,25 @@ def warn_skipped(plan: DemoPlan) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _metrics(x_hat: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
-    from diffrestore.metrics.quality import psnr, ssim
-
-    return {"psnr": float(psnr(x_hat, clean, quantize=True)[0]), "ssim": float(ssim(x_hat, clean, quantize=True)[0])}
-
-
 def execute(plan: DemoPlan, written: list[Path]) -> dict:
     """Run every restoration and write the outputs into ``plan.spec.out`` (which must exist and be
     writable). Every file written is appended to ``written``. Returns the summary."""
     from tqdm import tqdm
 
-    from diffrestore.methods import method_options
-    from diffrestore.restoration import image_seed, measure_image, run_method
-
     spec = plan.spec
-    out, images_dir = Path(spec.out), Path(spec.out) / "images"
-    images_dir.mkdir(exist_ok=True)
-
-    def save(name: str, x: torch.Tensor) -> str:
-        image_io.write_image(images_dir / name, x)
-        written.append(images_dir / name)
-        return f"images/{name}"
-
-    records: list[dict] = []
+    out = Path(spec.out)
+    (out / "images").mkdir(exist_ok=True)
     grid_rows: list[dict] = []
     total = len(plan.photos) * len(plan.tasks) * len(plan.methods)
     bar = tqdm(total=total, desc="demo", unit="restoration", disable=not spec.progress, dynamic_ncols=True)
     try:
         for name, x in plan.photos:
-            clean_file = save(f"{name}_clean.png", x)
-            xd = x.to(spec.device)
+            clean_file = _save(out, written, f"{name}_clean.png", x)
             for task_name, task in plan.tasks.items():
-                y = measure_image(task, x, spec.seed, name).to(spec.device)
-                degraded = task.operator.to_image(y)
-                row = {"image": name, "task": task_name, "clean": clean_file, "degraded": save(f"{name}_{task_name}_degraded.png", degraded)}
-                row["degraded_size"] = list(degraded.shape[-2:])
-                row["degraded_psnr"] = _metrics(degraded, xd)["psnr"] if degraded.shape == xd.shape else None
-                start = time.perf_counter()
-                base = task.baseline(y)
-                seconds = time.perf_counter() - start
-                cells = [(BASELINE, 0, base.clamp(-1, 1), seconds)]
-                for col in plan.columns:
-                    bar.set_postfix_str(f"{name} {task_name} {col.method}", refresh=True)
-                    x_hat, seconds, _ = run_method(
-                        col.method, plan.priors, task, y, steps=col.steps, seed=image_seed(spec.seed, name), **col.options
-                    )
-                    cells.append((col.method, col.steps, x_hat.detach().float().clamp(-1, 1), seconds))
-                    bar.update(1)
-                row["cells"] = []
-                for method, steps, x_hat, seconds in cells:
-                    rec = {"image": name, "task": task_name, "method": method, "steps": steps, "seconds": seconds}
-                    rec.update(_metrics(x_hat, xd))
-                    rec["file"] = save(f"{name}_{task_name}_{method}.png", x_hat)
-                    records.append(rec)
-                    row["cells"].append(rec)
-                grid_rows.append(row)
+                grid_rows.append(_restore_row(plan, name, x, clean_file, task_name, task, written, bar))
     finally:
         bar.close()
+    records = [cell for row in grid_rows for cell in row["cells"]]
 
     table = _table(records, plan)
     image_io.atomic_write_text(out / "metrics.csv", metrics_csv(table))
@@ -293,9 +223,54 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
     written.append(out / "metrics.md")
     grid = _draw_grid(grid_rows, plan, out / "demo_grid.png")
     written.append(out / "demo_grid.png")
+    summary = _summary(plan, records, table, grid, written)
+    summary["restorations"] = len(records) - len(grid_rows)
+    image_io.atomic_write_json(out / "summary.json", summary)
+    written.append(out / "summary.json")
+    return summary
 
-    wall = time.perf_counter() - plan.started
-    summary = {
+
+def _save(out: Path, written: list[Path], name: str, x: torch.Tensor) -> str:
+    """Write ``x`` as ``images/NAME`` (atomically) and return that path, relative to ``out``."""
+    image_io.write_image(out / "images" / name, x)
+    written.append(out / "images" / name)
+    return f"images/{name}"
+
+
+def _restore_row(plan: DemoPlan, name: str, x: torch.Tensor, clean_file: str, task_name: str, task, written: list[Path],
+                 bar) -> dict:  # fmt: skip
+    """One grid row: degrade photo ``name`` once for ``task``, then restore it with the baseline and every
+    column, scored on the saved 8-bit images; writes their PNGs. The row's ``cells`` are the records."""
+    from diffrestore.restoration import BASELINE, Measurement, measure_image, restore_and_score, score_image
+
+    spec, out = plan.spec, Path(plan.spec.out)
+    xd = x.to(spec.device)
+    y = measure_image(task, x, spec.seed, name).to(spec.device)
+    degraded = task.operator.to_image(y)
+    row = {"image": name, "task": task_name, "clean": clean_file, "degraded": _save(out, written, f"{name}_{task_name}_degraded.png", degraded)}
+    row["degraded_size"] = list(degraded.shape[-2:])
+    row["degraded_psnr"] = score_image(degraded, xd, ("psnr",), quantize=True)["psnr"] if degraded.shape == xd.shape else None
+    row["cells"] = []
+    runs = [(BASELINE, None, 0, {})] + [(c.method, plan.priors[get_method(c.method).prior], c.steps, dict(c.options)) for c in plan.columns]
+    for method, prior, steps, options in runs:
+        if prior is not None:
+            bar.set_postfix_str(f"{name} {task_name} {method}", refresh=True)
+        r = restore_and_score(Measurement(xd, y, task, None), method=method, prior=prior, steps=steps, seed=spec.seed,
+                              image_id=name, options=options, metrics=("psnr", "ssim"), quantize=True)  # fmt: skip
+        rec = {"image": name, "task": task_name, "method": method, "steps": r.steps, "seconds": r.seconds, **r.metrics}
+        rec["file"] = _save(out, written, f"{name}_{task_name}_{method}.png", r.x_hat)
+        row["cells"].append(rec)
+        if prior is not None:
+            bar.update(1)
+    return row
+
+
+def _summary(plan: DemoPlan, records: list[dict], table: list[dict], grid: dict, written: list[Path]) -> dict:
+    """summary.json: settings, skipped methods, the records, the table, the grid layout, files, times."""
+    from diffrestore.restoration import used_options
+
+    spec, out = plan.spec, Path(plan.spec.out)
+    return {
         "format": 1,
         "settings": {
             "photos": [n for n, _ in plan.photos],
@@ -307,7 +282,7 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
             "methods": plan.methods,
             "steps": plan.steps,
             # every option each column ran with: the registry's recommended defaults, then the column's own
-            "options": {c.method: {**method_options(c.method), **dict(c.options)} for c in plan.columns},
+            "options": {c.method: used_options(c.method, dict(c.options)) for c in plan.columns},
             "labels": {c.method: demo_columns.label(c) for c in plan.columns},
             "baselines": {t: get_task_spec(t).baseline_description for t in plan.tasks},
             "priors": {k: v for k, v in plan.prior_specs.items() if k in plan.priors},
@@ -328,16 +303,12 @@ def execute(plan: DemoPlan, written: list[Path]) -> dict:
             "grid": "demo_grid.png",
             "metrics_md": "metrics.md",
             "metrics_csv": "metrics.csv",
-            "images": sorted({str(p.relative_to(out)) for p in written if p.parent == images_dir}),
+            "images": sorted({str(p.relative_to(out)) for p in written if p.parent == out / "images"}),
         },
-        "restorations": len(records) - len(grid_rows),
         "restore_seconds": math.fsum(r["seconds"] for r in records),
-        "wall_seconds": wall,
+        "wall_seconds": time.perf_counter() - plan.started,
         "peak_rss_mib": peak_rss_mib(),
     }
-    image_io.atomic_write_json(out / "summary.json", summary)
-    written.append(out / "summary.json")
-    return summary
 
 
 def peak_rss_mib() -> float:

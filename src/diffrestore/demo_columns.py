@@ -23,6 +23,7 @@ from typing import Mapping
 
 from diffrestore.methods import METHODS, check_options, get_method, method_options
 from diffrestore.operators.tasks import get_task_spec
+from diffrestore.restoration import used_options
 
 
 @dataclass(frozen=True)
@@ -79,14 +80,9 @@ def columns(methods: list[str] | None, report: bool, steps: Mapping[str, int]) -
     return out
 
 
-def used_options(col: Column) -> dict[str, object]:
-    """Every option the method runs with: the registry's defaults updated with the column's."""
-    return {k: v for k, v in {**method_options(col.method), **col.options}.items() if k != "samples"}
-
-
 def shown_options(col: Column) -> dict[str, object]:
     """The options a title names: the key ones, and those set away from the registry's default."""
-    defaults, used = method_options(col.method), used_options(col)
+    defaults, used = method_options(col.method), used_options(col.method, dict(col.options))
     keys = [*KEY_OPTIONS.get(col.method, ()), *(k for k, v in col.options.items() if defaults.get(k) != v)]
     return {k: used[k] for k in dict.fromkeys(keys)}
 
@@ -99,7 +95,7 @@ def format_options(options: Mapping[str, object]) -> str:
 def failure(col: Column) -> tuple[str, str] | None:
     """(short, long) reason why this setup is expected to fail, or None."""
     if col.method == "srldm":
-        return None if used_options(col).get("consistency") else FAILURES["srldm"]
+        return None if used_options(col.method, dict(col.options)).get("consistency") else FAILURES["srldm"]
     return FAILURES.get(col.method)
 
 

@@ -1,8 +1,9 @@
-"""One restoration, end to end: image -> (degrade) -> method -> restored image + record.
+"""One restoration, end to end: image -> (degrade) -> method -> restored image, scored.
 
-The CLI's ``restore`` command, the evaluation grid and the demo all run methods through
-``run_method`` with seeds from ``image_seed``, so a result never depends on which entry point (or
-which batch, order or process) produced it.
+``restore_and_score`` is the one per-image path of ``diffrestore restore``, the Python API, the demo
+and the evaluation: methods run through ``run_method`` with seeds from ``image_seed``, and scores come
+from ``metrics.quality``, so a result never depends on which entry point (or which batch, order or
+process) produced it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
-import sys
 import time
 from typing import NamedTuple
 
@@ -153,16 +153,28 @@ def spread_stats(std: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor | None 
     return out
 
 
+def prior_kind(prior) -> str:
+    """"latent" for a ``LatentSRPrior``, "pixel" for a ``PixelPrior`` (tiled and frozen-graph priors
+    subclass them); TypeError for anything else."""
+    from diffrestore.priors.base import LatentSRPrior, PixelPrior
+
+    if isinstance(prior, LatentSRPrior):
+        return "latent"
+    if isinstance(prior, PixelPrior):
+        return "pixel"
+    raise TypeError(f"{type(prior).__name__} is neither a PixelPrior nor a LatentSRPrior")
+
+
 def prior_multiple(prior) -> int:
     """Image sides a prior can take must be multiples of this."""
-    if hasattr(prior, "encode"):
+    if prior_kind(prior) == "latent":
         return prior.downscale * prior.multiple_of
     return prior.multiple_of
 
 
 class Measurement(NamedTuple):
     """One input ready to restore: the measurement ``y`` (1, ...) of ``task``, the clean image ``x``
-    (``degrade``; else None) and what was cropped, if anything."""
+    (when there is one to score against; else None) and what was cropped, if anything."""
 
     x: torch.Tensor | None
     y: torch.Tensor
@@ -205,34 +217,6 @@ def prepare_measurement(img: torch.Tensor, *, image_id: str, task_name: str, ove
     return Measurement(None, y, task, note)
 
 
-class ImageResult(NamedTuple):
-    """One restored image and what produced it (tensors (1, C, H, W) in [-1, 1])."""
-
-    x_hat: torch.Tensor  # the restoration, clamped to [-1, 1]
-    raw: torch.Tensor  # the restoration before clamping
-    std: torch.Tensor | None  # per-pixel spread of the draws (samples > 1)
-    x: torch.Tensor | None  # the clean image (degrade=True), else None
-    y: torch.Tensor  # the measurement the method saw
-    task: object  # the Task (operator, sigma_y, baseline)
-    note: str | None  # what was cropped, if anything
-    seconds: float
-    steps: int  # the steps actually run
-
-
-def restore_measurement(m: Measurement, *, method: str, prior, steps: int | None, seed: int, image_id: str,
-                        callback=None, method_kwargs: dict | None = None, tile: int | None = None,
-                        overlap: int | None = None, on_tiles=None) -> ImageResult:
-    """Run ``method`` on one prepared measurement, seeded from (``seed``, ``image_id``): the one
-    per-image path of ``restore``, the Python API and the app. ``tile`` / ``overlap`` / ``on_tiles``:
-    see ``run_method``."""
-    steps = resolve_steps(method, steps, prior)
-    raw, seconds, std = run_method(
-        method, {"pixel": prior, "latent": prior}, m.task, m.y, steps=steps, seed=image_seed(seed, image_id),
-        callback=callback, tile=tile, overlap=overlap, on_tiles=on_tiles, **(method_kwargs or {}),
-    )  # fmt: skip
-    return ImageResult(raw.clamp(-1, 1), raw, std, m.x, m.y, m.task, m.note, seconds, steps)
-
-
 def used_options(method: str, given: dict) -> dict:
     """Every option of ``method`` with the value a run used: its default unless ``given``."""
     from diffrestore.methods import method_options
@@ -240,111 +224,92 @@ def used_options(method: str, given: dict) -> dict:
     return {**method_options(method), **{k: v for k, v in given.items() if v is not None}}
 
 
-def quality_record(result: ImageResult) -> dict[str, float]:
-    """How far the restoration and the task's baseline are from the measurement (``||H x - y||``;
-    ``_raw``: before clamping, what the method itself enforces) and, with a clean image, PSNR (RGB
-    and Y), SSIM and LPIPS of the restoration and PSNR / SSIM of the baseline."""
-    from diffrestore.metrics.quality import full_reference, psnr, ssim
-
-    op, y = result.task.operator, result.y
-    baseline = result.task.baseline(y).clamp(-1, 1)
-    out = {
-        "consistency": float((op.H(result.x_hat) - y).norm()),
-        "consistency_raw": float((op.H(result.raw) - y).norm()),
-        "baseline_consistency": float((op.H(baseline) - y).norm()),
-    }
-    if result.x is not None:
-        x = result.x
-        out.update(full_reference(result.x_hat, x))  # psnr, psnr_y, ssim, lpips (or lpips_note)
-        out.update(baseline_psnr=float(psnr(baseline, x)[0]), baseline_ssim=float(ssim(baseline, x)[0]))
-    return out
+# --------------------------------------------------------------------------------------------------
+# restore and score one image
 
 
-def restore_file_inputs(
-    images,
-    *,
-    method: str,
-    prior,
-    prior_spec: str,
-    task_name: str,
-    overrides: dict,
-    degrade: bool,
-    mask,
-    steps: int | None,
-    seed: int,
-    device: str,
-    out,
-    written: list,
-    method_kwargs: dict,
-    progress: bool = True,
-    adm_config: dict | None = None,
-    dtype: str | None = None,
-    tile: int | None = None,
-    overlap: int | None = None,
-) -> list[dict]:
-    """Restore image files one by one and write PNGs + a JSON record per image into ``out``.
+#: the method name of a task's own baseline (``Task.baseline``: no prior, no steps)
+BASELINE = "baseline"
+#: every full-reference metric (``metrics.quality.full_reference``): PSNR, PSNR-Y, SSIM and LPIPS
+FULL_REFERENCE = ("psnr", "psnr_y", "ssim", "lpips")
 
-    ``images`` is a list of (path, tensor (3, H, W) in [-1, 1]). Every measurement is built before the
-    first restoration, so an input the run cannot take stops it before any model runs. Every file
-    written is appended to ``written`` so a caller can remove them if a later image fails.
-    ``adm_config`` (the prior's ``--adm-config``, if any) and ``dtype`` (the network precision's name)
-    go into the records; ``tile`` / ``overlap``: see ``run_method``.
-    """
-    from tqdm.auto import tqdm
 
-    from diffrestore import image_io
-    from diffrestore.progress import RestorationProgress
+def score_image(x_hat: torch.Tensor, x: torch.Tensor, metrics=FULL_REFERENCE, *, quantize: bool = False) -> dict[str, float]:
+    """Full-reference scores of one image (batch of 1) against the clean ``x``: every metric
+    (``FULL_REFERENCE``; LPIPS becomes ``lpips_note`` when its weights are missing), or some of PSNR,
+    PSNR-Y and SSIM, on the float values or (``quantize``) on the 8-bit values a saved PNG holds."""
+    from diffrestore.metrics import quality
 
-    stems = [p.stem for p, _ in images]
-    if len(set(stems)) != len(stems):
-        raise ValueError("two inputs share a file name stem; their outputs would overwrite each other")
-    steps = resolve_steps(method, steps, prior)
-    inputs = []
-    for path, img in images:
-        m = prepare_measurement(img, image_id=path.name, task_name=task_name, overrides=overrides, prior=prior,
-                                degrade=degrade, mask=mask, seed=seed, device=device)
-        if m.note is not None:
-            print(f"{path.name}: {m.note}", file=sys.stderr)
-        inputs.append((path, m))
-    records = []
-    bar = tqdm(inputs, desc="images", unit="img", disable=not progress or len(images) == 1)
-    for path, m in bar:
-        step_bar = RestorationProgress(f"{path.name} {method}", enabled=progress)
-        result = restore_measurement(m, method=method, prior=prior, steps=steps, seed=seed, image_id=path.name,
-                                     callback=step_bar.step, method_kwargs=method_kwargs,
-                                     tile=tile, overlap=overlap, on_tiles=step_bar.tiles)
-        step_bar.close()
-        record = {
-            "input": str(path),
-            "image_id": path.name,
-            "method": method,
-            "task": task_name,
-            "prior": prior_spec,
-            **({"adm_config": adm_config} if adm_config is not None else {}),
-            "steps": result.steps,
-            "options": used_options(method, method_kwargs),
-            "seed": seed,
-            "sigma_y": result.task.sigma_y,
-            "overrides": dict(overrides),
-            "size": list(result.x_hat.shape[-2:]),
-            "crop": result.note,
-            "seconds": result.seconds,
-            "device": str(device),
-            **quality_record(result),
-            **({"dtype": dtype} if dtype is not None else {}),
-        }
-        stem, x_hat = path.stem, result.x_hat
-        files = {f"{stem}_{task_name}_{method}.png": x_hat}
-        if result.std is not None:
-            files[f"{stem}_{task_name}_{method}_std.png"] = std_map_image(result.std)
-            record["sample_std"] = {**spread_stats(result.std, x_hat, result.x), "png_white": STD_MAP_WHITE}
-        if degrade:
-            files[f"{stem}_{task_name}_degraded.png"] = result.task.operator.to_image(result.y)
-            files[f"{stem}_clean.png"] = result.x
-        for name, tensor in files.items():
-            image_io.write_image(out / name, tensor)
-            written.append(out / name)
-        image_io.atomic_write_json(out / f"{stem}_{task_name}_{method}.json", record)
-        written.append(out / f"{stem}_{task_name}_{method}.json")
-        records.append(record)
-    return records
+    if tuple(metrics) == FULL_REFERENCE and not quantize:
+        return quality.full_reference(x_hat, x)
+    fns = {"psnr": quality.psnr, "psnr_y": quality.psnr_y, "ssim": quality.ssim}
+    unknown = [m for m in metrics if m not in fns]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r} (alone: {', '.join(fns)}; all of {', '.join(FULL_REFERENCE)})")
+    return {m: float(fns[m](x_hat, x, quantize=quantize)[0]) for m in metrics}
+
+
+def consistency(operator, x_hat: torch.Tensor, y: torch.Tensor) -> float:
+    """``||H x_hat - y||``: how far a restoration is from explaining its measurement."""
+    return float((operator.H(x_hat) - y).norm())
+
+
+class Restored(NamedTuple):
+    """One restored and scored image (tensors (1, C, H, W) in [-1, 1])."""
+
+    x_hat: torch.Tensor  # the restoration (float32), clamped to [-1, 1]
+    raw: torch.Tensor  # the restoration before clamping
+    std: torch.Tensor | None  # per-pixel spread of the draws (samples > 1)
+    x: torch.Tensor | None  # the clean image, when scored against one
+    y: torch.Tensor  # the measurement the method saw
+    task: object  # the Task (operator, sigma_y, baseline)
+    note: str | None  # what was cropped, if anything
+    seconds: float  # the method alone
+    steps: int  # the steps actually run (0 for the baseline)
+    options: dict  # every option of the method with the value used ({} for the baseline)
+    metrics: dict  # the full-reference scores asked for (empty without a clean image)
+    consistency: float  # ||H x_hat - y||
+    consistency_raw: float  # the same before clamping: what the method itself enforces
+    spread: dict | None  # ``spread_stats`` of the draws (samples > 1)
+    baseline: Restored | None  # the task's baseline on the same measurement, when asked for
+
+    def quality(self) -> dict[str, float]:
+        """The scores of a ``restore`` record: consistency of the restoration (clamped and raw) and of the
+        baseline, and with a clean image the metrics and the baseline's PSNR / SSIM."""
+        out = {"consistency": self.consistency, "consistency_raw": self.consistency_raw,
+               "baseline_consistency": self.baseline.consistency, **self.metrics}  # fmt: skip
+        if self.x is not None:
+            out.update(baseline_psnr=self.baseline.metrics["psnr"], baseline_ssim=self.baseline.metrics["ssim"])
+        return out
+
+
+def restore_and_score(m: Measurement, *, method: str, prior, steps: int | None, seed: int, image_id: str,
+                      options: dict | None = None, tile: int | None = None, overlap: int | None = None,
+                      callback=None, on_tiles=None, metrics=FULL_REFERENCE, quantize: bool = False,
+                      baseline: bool = False) -> Restored:
+    """Restore one prepared measurement with ``method`` (or ``BASELINE``) and score it: the one per-image
+    path of ``restore``, the Python API, the demo and the evaluation, so a number never depends on the
+    entry point. Seeded from (``seed``, ``image_id``); ``steps`` None: the method's default.
+    ``metrics`` / ``quantize``: see ``score_image`` (scored only when ``m.x`` is given); ``baseline``:
+    also score the task's baseline (PSNR, SSIM, consistency). ``tile`` / ``overlap`` / ``on_tiles``: see
+    ``run_method``; ``callback`` gets every step's ``StepInfo``."""
+    if method == BASELINE:
+        start = time.perf_counter()
+        raw, std = m.task.baseline(m.y), None
+        seconds, steps, used = time.perf_counter() - start, 0, {}
+    else:
+        steps = resolve_steps(method, steps, prior)
+        raw, seconds, std = run_method(
+            method, {"pixel": prior, "latent": prior}, m.task, m.y, steps=steps, seed=image_seed(seed, image_id),
+            callback=callback, tile=tile, overlap=overlap, on_tiles=on_tiles, **(options or {}),
+        )  # fmt: skip
+        used = used_options(method, options or {})
+    x_hat = raw.detach().float().clamp(-1, 1)
+    op = m.task.operator
+    scores = score_image(x_hat, m.x, metrics, quantize=quantize) if m.x is not None else {}
+    spread = None if std is None else spread_stats(std.to(x_hat.device), x_hat, m.x)
+    base = None
+    if baseline:
+        base = restore_and_score(m, method=BASELINE, prior=None, steps=0, seed=seed, image_id=image_id, metrics=("psnr", "ssim"))
+    return Restored(x_hat, raw, std, m.x, m.y, m.task, m.note, seconds, steps, used, scores,
+                    consistency(op, x_hat, m.y), consistency(op, raw, m.y), spread, base)  # fmt: skip

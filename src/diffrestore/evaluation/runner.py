@@ -78,7 +78,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -89,7 +88,9 @@ from diffrestore import image_io, resources, runtime
 from diffrestore.evaluation.data import check_images, choose_subset, find_images, load_eval_image
 from diffrestore.evaluation.distributed import Dist, from_env, launched_by_torchrun, spawn
 from diffrestore.methods import check_frozen_graphs, check_options, get_method, preset_options
-from diffrestore.restoration import image_seed, lcm, measure_image, prior_multiple, resolve_steps, run_method, spread_stats
+from diffrestore.restoration import (
+    Measurement, image_seed, lcm, measure_image, prior_multiple, resolve_steps, restore_and_score, run_method,
+)
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 FORMAT = 1
@@ -909,24 +910,17 @@ def run_records(plan: Plan, dist: Dist, res: _Resources) -> int:
                     def callback(info, _snaps=snaps):
                         _snaps.append(_snapshot(info))
 
-                if method == BASELINE:
-                    start = time.perf_counter()
-                    x_hat, std = task.baseline(y), None
-                    seconds = time.perf_counter() - start
-                else:
-                    priors = res.priors_for(method, task_name)
-                    x_hat, seconds, std = run_method(
-                        method, priors, task, y, steps=steps, seed=image_seed(seed, image_id), callback=callback,
-                        tile=settings.get("tile"), overlap=settings.get("overlap"), **grid.get("options", {}).get(method, {}),
-                    )
-                x_hat = x_hat.detach().float().clamp(-1, 1).to(xd.device)
-                record = {"task": task_name, "method": method, "steps": steps, "image_id": image_id, "index": i}
-                record.update(image_metrics(x_hat, xd))
-                if std is not None:  # samples > 1: how far the draws spread, and where
-                    spread = spread_stats(std.to(xd.device), x_hat, xd)
-                    record.update(sample_std=spread["mean"], std_error_correlation=spread["error_correlation"])
-                record["consistency"] = float((task.operator.H(x_hat) - y).reshape(-1).norm())
-                record["seconds"] = seconds
+                prior = None if method == BASELINE else res.priors_for(method, task_name)[get_method(method).prior]
+                r = restore_and_score(
+                    Measurement(xd, y, task, None), method=method, prior=prior, steps=steps, seed=seed, image_id=image_id,
+                    options=grid.get("options", {}).get(method, {}), callback=callback, tile=settings.get("tile"),
+                    overlap=settings.get("overlap"),
+                )  # fmt: skip
+                x_hat = r.x_hat
+                record = {"task": task_name, "method": method, "steps": steps, "image_id": image_id, "index": i, **r.metrics}
+                if r.spread is not None:  # samples > 1: how far the draws spread, and where
+                    record.update(sample_std=r.spread["mean"], std_error_correlation=r.spread["error_correlation"])
+                record.update(consistency=r.consistency, seconds=r.seconds)
                 where = cell_dir(task_name, method, steps)
                 if extract is not None:
                     _save_array(run / "features" / where / f"{name}.npy", a=extract(x_hat)[0])
