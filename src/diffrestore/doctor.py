@@ -39,9 +39,9 @@ def _torch_checks() -> list[Check]:
 
 
 def _metric_checks() -> list[Check]:
-    from diffrestore.metrics.inception import HOW_TO_GET as FID_HOW
+    from diffrestore.metrics.inception import INCEPTION_HOW_TO_GET as FID_HOW
     from diffrestore.metrics.inception import InceptionUnavailable, find_inception_weights
-    from diffrestore.metrics.lpips import HOW_TO_GET as LPIPS_HOW
+    from diffrestore.metrics.lpips import LPIPS_HOW_TO_GET as LPIPS_HOW
     from diffrestore.metrics.lpips import LPIPSUnavailable, find_lpips_weights
 
     out = []
