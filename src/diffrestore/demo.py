@@ -56,12 +56,11 @@ import torch
 from diffrestore import demo_columns, image_io, resources, runtime
 from diffrestore.demo_columns import Column
 from diffrestore.methods import check_frozen_graphs, get_method
-from diffrestore.operators.tasks import get_task_spec
+from diffrestore.operators.tasks import BASELINE, get_task_spec
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 TASKS = ("sr4", "deblur", "denoise", "noisy-sr4")
-BASELINE = "baseline"
 GRID_CELL_PX = 192
 GRID_LABEL_PX = 100
 GRID_COL_TITLE_PX = 76  # four lines of a column title
@@ -417,7 +416,7 @@ def _read_png(path: Path) -> np.ndarray:
 
 def _draw_grid(rows: list[dict], plan: DemoPlan, path: Path) -> dict:
     """demo_grid.png from the saved PNGs (what is shown is what was scored)."""
-    from diffrestore.evaluation.report import draw_image_grid
+    from diffrestore.figures import draw_image_grid
 
     out = Path(plan.spec.out)
     columns = ["clean", "degraded", BASELINE, *plan.methods]
