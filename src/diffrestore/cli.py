@@ -219,7 +219,7 @@ def _add_demo(sub) -> None:
         "whose built-in prior is not trained yet are skipped with a warning (unless named with --methods).",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--images", type=int, default=2, help="number of sample photos, 1-4 (default 2: the whole demo stays under 10 minutes on 2 CPU cores)")
+    p.add_argument("--images", type=int, default=2, help="number of sample photos, 1-4 (default 2)")
     p.add_argument("--size", type=int, default=256, help="photos are centre-cropped and resized to SIZE (default 256)")
     p.add_argument(
         "--report", action="store_true",

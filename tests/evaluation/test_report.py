@@ -14,7 +14,8 @@ from PIL import Image
 
 import test_runner_fakes as fx
 from diffrestore import cli, restoration
-from diffrestore.evaluation import report, runner, seams, store, tables
+from diffrestore.evaluation import report, runner, seams, store
+from diffrestore.evaluation.tables import CSV_FIELDS
 
 HEADER = "| Method | PSNR (dB) | PSNR-Y (dB) | SSIM | LPIPS | FID | Time (s/image) | Throughput (samples/s) |"
 FIGURES = ("fig4_grid.png", "fig6_intermediates.png", "fig7_fid_throughput.png")
@@ -75,7 +76,7 @@ def test_tables_have_the_report_layout(run):
                 assert r["throughput_batch_size"] == 2 and r["throughput_device"] == "cpu" and r["throughput_dtype"] == "fp32"
     with open(run / "tables.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == tables.CSV_FIELDS
+    assert tuple(rows[0]) == CSV_FIELDS
     assert [(r["task"], r["method"], r["steps"]) for r in rows] == [
         (t, m, s) for t in ("sr4", "denoise") for m, s in (("baseline", "0"), ("fake-pix", "3"), ("fake-lat", "4"))
     ]

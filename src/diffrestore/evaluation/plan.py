@@ -30,26 +30,17 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 PRESETS = {
     # the report's full grid (Tables 1-4, Figures 4, 6, 7); the priors must be given
     "paper": dict(
-        n=2000,
-        size=256,
-        tasks=ALL_TASKS,
-        methods=DEFAULT_METHODS,
-        steps={"*": 100},
+        n=2000, size=256, tasks=ALL_TASKS, methods=DEFAULT_METHODS, steps={"*": 100},
         fig7_steps={"srldm": [5, 10, 20, 50, 100, 200], "ddrm": [10, 20, 50, 100]},
         dtype="fp32",  # the report's numbers in full precision on every device
     ),
-    # a small grid that finishes in minutes on a CPU with the embedded priors
+    # a small grid that finishes in minutes on a CPU with the built-in priors
     "quick": dict(
-        n=6,
-        size=64,
-        tasks=ALL_TASKS,
-        methods=DEFAULT_METHODS,
-        steps={"*": 10},
+        n=6, size=64, tasks=ALL_TASKS, methods=DEFAULT_METHODS, steps={"*": 10},
         fig7_steps={"srldm": [5, 10, 20], "ddrm": [5, 10, 20]},
-        pixel_prior=DEFAULT_PRIORS["pixel"],
-        latent_prior=DEFAULT_PRIORS["latent"],
+        pixel_prior=DEFAULT_PRIORS["pixel"], latent_prior=DEFAULT_PRIORS["latent"],
     ),
-}
+}  # fmt: skip
 
 
 @dataclass
