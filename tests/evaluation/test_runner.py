@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 
 import test_runner_fakes as fx
-from diffrestore.evaluation import runner, store
+from diffrestore.evaluation import store
 from diffrestore.metrics import quality as metrics
 from diffrestore.evaluation.data import load_eval_image
 from diffrestore.operators.tasks import make_task
