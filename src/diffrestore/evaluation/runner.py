@@ -59,7 +59,7 @@ from diffrestore.priors.base import LatentSRPrior, PixelPrior
 from diffrestore.restoration import image_seed, lcm, measure_image, prior_multiple, resolve_steps, run_method, spread_stats
 
 
-def prior_kind(prior) -> str:
+def _prior_kind(prior) -> str:
     """"latent" or "pixel": which of the two prior contracts ``prior`` implements (tiled and frozen
     wrappers included)."""
     if isinstance(prior, LatentSRPrior):
@@ -96,7 +96,7 @@ class _Resources:
             if self.plan.settings.get("frozen_graphs"):
                 extra["frozen_graphs"] = True
             prior = seams.load_eval_prior(*args, **extra)
-            got = prior_kind(prior)
+            got = _prior_kind(prior)
             if got != kind:
                 raise EvalError(f"--{kind}-prior {spec} is a {got} prior")
             self.priors[kind] = prior
