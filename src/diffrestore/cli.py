@@ -224,7 +224,7 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--report", action="store_true",
         help="show the report's comparison (srldm, ddrm, ddrm-srldm with the report's options, and ddrm-ldm) instead "
-        "of the recommended methods; srldm and ddrm-srldm are labelled as the setups the report found to fail",
+        "of the recommended methods, its two failing setups (srldm, ddrm-srldm) labelled as such",
     )  # fmt: skip
     p.add_argument(
         "--methods", default=None,
