@@ -1,7 +1,7 @@
 """Fast stand-ins for the heavy parts of the evaluation, for the runner tests (no tests in here).
 
 Installed in every evaluation process, subprocesses and spawned ranks included, through the
-runner's plugin hook: ``DIFFRESTORE_PLUGINS=test_runner_fakes:install`` with ``tests/evaluation``
+evaluation's plugin hook (``evaluation.seams``): ``DIFFRESTORE_PLUGINS=test_runner_fakes:install`` with ``tests/evaluation``
 on ``PYTHONPATH``; in-process tests call ``install(monkeypatch)``.
 
 * methods ``fake-pix`` (pixel prior) and ``fake-lat`` (latent prior): a few "steps" that call the
@@ -9,7 +9,8 @@ on ``PYTHONPATH``; in-process tests call ``install(monkeypatch)``.
   methods do), then the measurement upsampled
   plus generator noise; deterministic given the generator. ``FAKE_METHOD_SLEEP`` (seconds) makes
   each call slower, for the kill test.
-* priors ``fake:pixel`` / ``fake:latent`` (no network at all);
+* priors ``fake:pixel`` / ``fake:latent``: subclasses of the real ``PixelPrior`` / ``LatentSRPrior``
+  (the runner tells the kinds apart by class) with no network at all;
 * Inception: a fixed random projection to 4 features (few enough for a full-rank covariance with
   a handful of images); ``FAKE_INCEPTION=0`` makes it unavailable, with the real message shape.
 
