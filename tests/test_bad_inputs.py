@@ -44,11 +44,11 @@ runpy.run_module("diffrestore", run_name="__main__")
 PLUGINS = {
     # the Inception network is not what these rows test: FID is left out quickly
     "noinception.py": """
-from diffrestore.evaluation import runner
+from diffrestore.evaluation import seams
 def install():
     def unavailable(device):
-        raise runner.FeaturesUnavailable("no Inception in the bad-input suite")
-    runner.load_feature_extractor = unavailable
+        raise seams.FeaturesUnavailable("no Inception in the bad-input suite")
+    seams.load_feature_extractor = unavailable
 """,
     # a worker of --nproc killed as it starts (out-of-memory killer, kill -9)
     "killworker.py": """

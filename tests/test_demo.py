@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from diffrestore import cli, demo
-from diffrestore.evaluation.report import GridGeometry
+from diffrestore.figures import GridGeometry
 from diffrestore.methods import method_options
 
 TASKS = ["sr4", "deblur", "denoise", "noisy-sr4"]

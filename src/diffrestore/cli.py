@@ -7,110 +7,20 @@ one line ``diffrestore: error: ...`` on stderr and exit status 2, with no output
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from diffrestore import image_io, resources
+from diffrestore import image_io
+from diffrestore.cli_args import (
+    DTYPE_CHOICES, DTYPE_HELP, CLIError, OneLineParser, add_run_options, add_tile_options, check_tile_options,
+    parse_adm_config, parse_list, parse_options, parse_steps, parse_sweep,
+)  # fmt: skip
+from diffrestore.errors import DISK_ERRORS, USER_ERRORS
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 # torch is imported inside the commands: the checks that refuse a command cheaply run before it loads
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, FloatingPointError)
-
-
-class CLIError(Exception):
-    """An error to report as one line."""
-
-
-# --------------------------------------------------------------------------------------------
-# options shared by restore, evaluate and demo
-# --------------------------------------------------------------------------------------------
-
-
-DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
-DTYPE_HELP = ("network precision (default auto: bf16 on a GPU or on a CPU with native bf16, where it is ~1.75x faster "
-              "at no measured quality cost, else fp32; fp16 on a CPU is ~15x slower)")
-
-
-def add_run_options(p) -> None:
-    """``--adm-config``, ``--device``, ``--frozen-graphs``, ``--no-progress`` and the resource limits
-    ``--max-pixels`` / ``--max-memory`` (restore, evaluate, demo)."""
-    p.add_argument(
-        "--adm-config", default=None, metavar="JSON",
-        help="hyper-parameters of an ADM checkpoint that its weights do not give (the head width), as a JSON "
-        "object or a .json file, e.g. '{\"num_head_channels\": 64}'; other priors ignore it",
-    )  # fmt: skip
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
-    p.add_argument(
-        "--max-pixels", type=int, default=resources.DEFAULT_MAX_PIXELS, metavar="N",
-        help=f"refuse images of more than N pixels, read from the file header before decoding (default "
-        f"{resources.DEFAULT_MAX_PIXELS:,}: a guard against decompression bombs)",
-    )
-    p.add_argument(
-        "--max-memory", default=None, metavar="SIZE",
-        help="memory a run may plan to use, e.g. 8G (default: 80%% of what the device has available); a run whose "
-        "estimate exceeds it is refused before any work",
-    )
-    p.add_argument(
-        "--frozen-graphs", action="store_true",
-        help="run the latent UNets (and pixel UNets in bf16/fp16) as frozen TorchScript graphs, traced once per "
-        "input size: on one CPU thread SRLDM steps take 0.9x the eager time in fp32, 0.55x in bf16; a pixel UNet "
-        "in fp32 stays eager (frozen it is 1.3x slower) (bench/latent_speed.py)",
-    )  # fmt: skip
-    p.add_argument("--no-progress", action="store_true")
-
-
-def add_tile_options(p) -> None:
-    """``--tile`` and ``--overlap`` (restore, evaluate)."""
-    p.add_argument(
-        "--tile", type=int, default=None, metavar="N",
-        help="run the network on overlapping N-pixel tiles, blended, the grid shifting every step (memory bounded by "
-        "the tile; data consistency stays on the whole image); default: tiles of 512 only when the image would not "
-        "fit in memory; 0: never tile",
-    )  # fmt: skip
-    p.add_argument("--overlap", type=int, default=None, metavar="M", help="least overlap of neighbouring tiles in pixels (default 32, at most a quarter of the tile)")
-
-
-def check_tile_options(args) -> None:
-    """``--tile``/``--overlap`` values, refused before anything is loaded. Raises CLIError."""
-    from diffrestore.priors.tiled import DEFAULT_TILE, check_tiling, default_overlap
-
-    if args.tile is not None and args.tile < 0:
-        raise CLIError(f"--tile must be 0 (off) or a number of pixels, got {args.tile}")
-    if args.tile != 0:
-        tile = args.tile or DEFAULT_TILE
-        try:
-            check_tiling(tile, default_overlap(tile) if args.overlap is None else args.overlap)
-        except ValueError as e:
-            raise CLIError(f"--tile/--overlap: {e}") from None
-
-
-def parse_adm_config(text: str | None) -> dict | None:
-    """``--adm-config``: a JSON object, or the path of a file holding one. Raises CLIError (one line)."""
-    if text is None:
-        return None
-    import json
-
-    source = "--adm-config"
-    if not text.lstrip().startswith(("{", "[")):  # not written as JSON: a file
-        path = Path(text).expanduser()
-        source = f"--adm-config {path}"
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise CLIError(f"{source}: neither a JSON object nor an existing .json file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise CLIError(f"{source}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise CLIError(f"{source}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise CLIError(f"{source}: expected a JSON object such as {{\"num_head_channels\": 64}}, got {type(value).__name__}")
-    return value
 
 
 def cmd_tasks(args) -> int:
@@ -229,20 +139,21 @@ def _add_evaluate(sub) -> None:
 
 def cmd_evaluate(args) -> int:
     from diffrestore.evaluation import runner
+    from diffrestore.evaluation.plan import EvalSpec
 
     check_tile_options(args)
-    spec = runner.EvalSpec(
+    spec = EvalSpec(
         out=args.out,
         data=args.data,
         n=args.first if args.first is not None else args.n,
         first=True if args.first is not None else (False if args.n is not None else None),
         seed=args.seed,
         size=args.size,
-        tasks=runner.parse_list(args.tasks, "--tasks"),
-        methods=runner.parse_list(args.methods, "--methods"),
-        steps=runner.parse_steps(args.steps),
-        options=runner.parse_options(args.options),
-        fig7_steps=runner.parse_sweep(args.fig7_steps),
+        tasks=parse_list(args.tasks, "--tasks"),
+        methods=parse_list(args.methods, "--methods"),
+        steps=parse_steps(args.steps),
+        options=parse_options(args.options),
+        fig7_steps=parse_sweep(args.fig7_steps),
         fig7_task=args.fig7_task,
         pixel_prior=args.pixel_prior,
         latent_prior=args.latent_prior,
@@ -280,9 +191,9 @@ def _add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from diffrestore.evaluation import report, runner
+    from diffrestore.evaluation import report, seams
 
-    runner.load_plugins()
+    seams.load_plugins()
     run = Path(args.run)
     report.write_report(run)
     print((run / "tables.md").read_text(), end="")
@@ -308,12 +219,12 @@ def _add_demo(sub) -> None:
         "whose built-in prior is not trained yet are skipped with a warning (unless named with --methods).",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--images", type=int, default=2, help="number of sample photos, 1-4 (default 2: the whole demo stays under 10 minutes on 2 CPU cores)")
+    p.add_argument("--images", type=int, default=2, help="number of sample photos, 1-4 (default 2)")
     p.add_argument("--size", type=int, default=256, help="photos are centre-cropped and resized to SIZE (default 256)")
     p.add_argument(
         "--report", action="store_true",
         help="show the report's comparison (srldm, ddrm, ddrm-srldm with the report's options, and ddrm-ldm) instead "
-        "of the recommended methods; srldm and ddrm-srldm are labelled as the setups the report found to fail",
+        "of the recommended methods, its two failing setups (srldm, ddrm-srldm) labelled as such",
     )  # fmt: skip
     p.add_argument(
         "--methods", default=None,
@@ -340,7 +251,6 @@ def _add_demo(sub) -> None:
 
 def cmd_demo(args) -> int:
     from diffrestore import demo
-    from diffrestore.evaluation.runner import parse_list, parse_steps
 
     spec = demo.DemoSpec(
         out=Path(args.out),
@@ -377,14 +287,6 @@ def cmd_demo(args) -> int:
         torch.set_num_threads(threads)
     demo.print_results(summary, spec.out)
     return 0
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors (a bad number, a missing option) are one ``diffrestore: error:`` line,
-    like every other user error, pointing at the command's --help instead of printing the usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"diffrestore: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -459,10 +361,6 @@ def cmd_app(args) -> int:
         raise CLIError(f"--max-output-pixels must be positive, got {args.max_output_pixels}")
     launch(host=args.host, port=args.port, share=args.share, device=args.device, max_output_pixels=args.max_output_pixels)
     return 0
-
-
-#: errno values of an output that cannot be written: the user's disk or folder, reported in one line
-DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diffrestore import image_io, resources, runtime
 from diffrestore.priors.catalog import DEFAULT_PRIORS
-from diffrestore.cli import (
+from diffrestore.cli_args import (
     DTYPE_CHOICES, DTYPE_HELP, CLIError, add_run_options, add_tile_options, check_tile_options, parse_adm_config,
 )
 

@@ -25,9 +25,8 @@ import torch
 from diffrestore import demo_columns, image_io, resources, runtime
 from diffrestore.demo_columns import Column
 from diffrestore.methods import check_frozen_graphs, get_method
-from diffrestore.operators.tasks import get_task_spec
+from diffrestore.operators.tasks import BASELINE, get_task_spec
 from diffrestore.priors.catalog import DEFAULT_PRIORS
-from diffrestore.restoration import BASELINE
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 TASKS = ("sr4", "deblur", "denoise", "noisy-sr4")
@@ -241,7 +240,7 @@ def _restore_row(plan: DemoPlan, name: str, x: torch.Tensor, clean_file: str, ta
                  bar) -> dict:  # fmt: skip
     """One grid row: degrade photo ``name`` once for ``task``, then restore it with the baseline and every
     column, scored on the saved 8-bit images; writes their PNGs. The row's ``cells`` are the records."""
-    from diffrestore.restoration import BASELINE, Measurement, measure_image, restore_and_score, score_image
+    from diffrestore.restoration import Measurement, measure_image, restore_and_score, score_image
 
     spec, out = plan.spec, Path(plan.spec.out)
     xd = x.to(spec.device)
@@ -388,7 +387,7 @@ def _read_png(path: Path) -> np.ndarray:
 
 def _draw_grid(rows: list[dict], plan: DemoPlan, path: Path) -> dict:
     """demo_grid.png from the saved PNGs (what is shown is what was scored)."""
-    from diffrestore.evaluation.report import draw_image_grid
+    from diffrestore.figures import draw_image_grid
 
     out = Path(plan.spec.out)
     columns = ["clean", "degraded", BASELINE, *plan.methods]

@@ -18,6 +18,7 @@ import torch
 
 from diffrestore.methods import get_method
 from diffrestore.operators.base import ImageSizeError
+from diffrestore.operators.tasks import BASELINE  # the method name of a task's own baseline
 
 
 def image_seed(run_seed: int, image_id: str) -> int:
@@ -228,8 +229,6 @@ def used_options(method: str, given: dict) -> dict:
 # restore and score one image
 
 
-#: the method name of a task's own baseline (``Task.baseline``: no prior, no steps)
-BASELINE = "baseline"
 #: every full-reference metric (``metrics.quality.full_reference``): PSNR, PSNR-Y, SSIM and LPIPS
 FULL_REFERENCE = ("psnr", "psnr_y", "ssim", "lpips")
 

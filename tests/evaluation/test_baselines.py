@@ -24,7 +24,8 @@ from skimage.metrics import structural_similarity
 
 import test_runner_fakes as fx
 from diffrestore import cli
-from diffrestore.evaluation import runner
+from diffrestore.evaluation import seams
+from diffrestore.operators.tasks import BASELINE
 from diffrestore.evaluation.data import load_eval_image
 from diffrestore.restoration import image_seed
 
@@ -41,7 +42,7 @@ def _cli(argv: list[str]) -> tuple[int, str, str]:
 
 
 def _no_inception(device):  # FID is not what this file checks; keep the run fast and offline
-    raise runner.FeaturesUnavailable("no Inception network (disabled in this test)")
+    raise seams.FeaturesUnavailable("no Inception network (disabled in this test)")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def run(shared, tmp_path_factory) -> Path:
         "--no-progress", "--out", str(out),
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "load_feature_extractor", _no_inception)
+        mp.setattr(seams, "load_feature_extractor", _no_inception)
         rc, stdout, err = _cli(argv)
     assert rc == 0, err
     assert stdout.count("| Baseline |") == len(TASKS)
@@ -71,13 +72,13 @@ def test_baseline_only_run_is_extended_by_naming_a_method(tmp_path, monkeypatch)
     rc, _, err = fx.run_cli(monkeypatch, argv + ["--methods", "baseline"])
     assert rc == 0, err
     first = fx.records(out)
-    assert [r["method"] for r in first] == [runner.BASELINE] * 3
+    assert [r["method"] for r in first] == [BASELINE] * 3
     rc, _, err = fx.run_cli(monkeypatch, argv + ["--methods", "fake-pix", "--steps", "3", "--pixel-prior", "fake:pixel"])
     assert rc == 0, err
     assert json.loads((out / "config.json").read_text())["grid"]["methods"] == ["fake-pix"]
     after = fx.records(out)
-    assert [r for r in after if r["method"] == runner.BASELINE] == first
-    assert [r["method"] for r in after if r["method"] != runner.BASELINE] == ["fake-pix"] * 3
+    assert [r for r in after if r["method"] == BASELINE] == first
+    assert [r["method"] for r in after if r["method"] != BASELINE] == ["fake-pix"] * 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ def test_baseline_only_run_has_no_method_and_only_baseline_records(run):
     assert config["settings"]["pixel_prior"] is None and config["settings"]["latent_prior"] is None
     recs = _records(run)
     assert len(recs) == N * len(TASKS)
-    assert {(r["method"], r["steps"]) for r in recs} == {(runner.BASELINE, 0)}
+    assert {(r["method"], r["steps"]) for r in recs} == {(BASELINE, 0)}
     results = json.loads((run / "results.json").read_text())
     assert [[row["label"] for row in results["tables"][t]] for t in TASKS] == [["Baseline"]] * len(TASKS)
 

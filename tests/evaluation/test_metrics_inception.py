@@ -177,12 +177,12 @@ def test_fid_imagenet_crops_vs_x4_bicubic(shared, torchscript_inception_path):
 
 def test_runner_feature_extractor_uses_the_real_network():
     """The evaluation harness's extractor on the real network equals inception_features directly."""
-    from diffrestore.evaluation import runner
+    from diffrestore.evaluation import seams
     from diffrestore.metrics import inception
 
     try:
-        extract = runner.load_feature_extractor("cpu")
-    except runner.FeaturesUnavailable as e:
+        extract = seams.load_feature_extractor("cpu")
+    except seams.FeaturesUnavailable as e:
         pytest.skip(str(e))
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     f = extract(x)

@@ -14,7 +14,8 @@ from PIL import Image
 
 import test_runner_fakes as fx
 from diffrestore import cli, restoration
-from diffrestore.evaluation import report, runner
+from diffrestore.evaluation import report, runner, seams, store
+from diffrestore.evaluation.tables import CSV_FIELDS
 
 HEADER = "| Method | PSNR (dB) | PSNR-Y (dB) | SSIM | LPIPS | FID | Time (s/image) | Throughput (samples/s) |"
 FIGURES = ("fig4_grid.png", "fig6_intermediates.png", "fig7_fid_throughput.png")
@@ -75,7 +76,7 @@ def test_tables_have_the_report_layout(run):
                 assert r["throughput_batch_size"] == 2 and r["throughput_device"] == "cpu" and r["throughput_dtype"] == "fp32"
     with open(run / "tables.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == report.CSV_FIELDS
+    assert tuple(rows[0]) == CSV_FIELDS
     assert [(r["task"], r["method"], r["steps"]) for r in rows] == [
         (t, m, s) for t in ("sr4", "denoise") for m, s in (("baseline", "0"), ("fake-pix", "3"), ("fake-lat", "4"))
     ]
@@ -94,7 +95,7 @@ def test_fid_column_says_why_when_inception_is_missing(run_without_inception):
         assert all(r["fid"] is None and r["kid"] is None and r["fid_note"] == note for r in res["tables"][task])
         assert all(r["psnr"] is not None for r in res["tables"][task])
     assert not (run / "features").exists()
-    assert all("features" not in r for r in runner.read_records(run))
+    assert all("features" not in r for r in store.read_records(run))
     assert res["fig7"]["y"] == "psnr"  # Figure 7 plots PSNR instead, and says so
     with open(run / "fig7.csv", newline="") as f:
         pts = list(csv.DictReader(f))
@@ -147,8 +148,8 @@ def test_report_rebuilds_everything_without_running_a_model(run, tmp_path, monke
 
     monkeypatch.setattr(restoration, "run_method", no_model)
     monkeypatch.setattr(runner, "run_method", no_model)
-    monkeypatch.setattr(runner, "load_prior", no_model)
-    monkeypatch.setattr(runner, "load_feature_extractor", no_model)
+    monkeypatch.setattr(seams, "load_eval_prior", no_model)
+    monkeypatch.setattr(seams, "load_feature_extractor", no_model)
     rc = cli.main(["report", str(copy)])
     assert rc == 0
     for name in ("results.json", "tables.md", "tables.csv", "fig7.csv"):

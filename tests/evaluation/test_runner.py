@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 
 import test_runner_fakes as fx
-from diffrestore.evaluation import runner
+from diffrestore.evaluation import store
 from diffrestore.metrics import quality as metrics
 from diffrestore.evaluation.data import load_eval_image
 from diffrestore.operators.tasks import make_task
@@ -73,69 +72,20 @@ def _kill_after_records(proc, records: Path, n: int, timeout: float) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_parse_steps_and_sweeps():
-    assert runner.parse_steps("100") == {"*": 100}
-    assert runner.parse_steps("50,ddrm:20, srldm:100") == {"*": 50, "ddrm": 20, "srldm": 100}
-    assert runner.parse_sweep("srldm:5,10,20,50,100,200;ddrm:10,20,50,100") == {
-        "srldm": [5, 10, 20, 50, 100, 200],
-        "ddrm": [10, 20, 50, 100],
-    }
-    for bad in ("x", "ddrm:0", "ddrm:"):
-        with pytest.raises(runner.EvalError):
-            runner.parse_steps(bad)
-    with pytest.raises(runner.EvalError):
-        runner.parse_sweep("ddrm")
-
-
-def test_parse_options_types_values_by_the_methods_defaults():
-    assert runner.parse_options("ddrm:eta=1, eta_b=0.5; ddrm-ldm:stop=0.4;ddrm-srldm:strategy=b") == {
-        "ddrm": {"eta": 1.0, "eta_b": 0.5},
-        "ddrm-ldm": {"stop": 0.4},
-        "ddrm-srldm": {"strategy": "b"},
-    }
-    assert isinstance(runner.parse_options("ddrm:eta=1")["ddrm"]["eta"], float)
-    assert runner.parse_options("ddrm:official_zero_singular_bug=true") == {"ddrm": {"official_zero_singular_bug": True}}
-    assert runner.parse_options(None) == {} and runner.parse_options(" ; ") == {}
-    for bad, says in [
-        ("ddrm", "is not METHOD:NAME=VALUE"),
-        ("ddrm:eta", "is not METHOD:NAME=VALUE"),
-        ("ddrm:=1", "is not METHOD:NAME=VALUE"),
-        ("nope:eta=1", "unknown method 'nope'"),
-        ("ddrm:stop=0.4", "method ddrm has no option 'stop' (its options: eta, eta_b, official_zero_singular_bug, consistency, rho, samples)"),
-        ("srldm:stop=0.4", "method srldm has no option 'stop' (its options: eta, lr_filter, start, consistency, rho, samples)"),
-        ("ddrm:steps=5", "has no option 'steps'"),  # set by --steps, not an option
-        ("ddrm:eta=high", "method ddrm option eta: 'high' is not a float"),
-        ("ddrm:official_zero_singular_bug=maybe", "is not a bool"),
-        # values out of range, refused here (before a run folder is made) by the method's own check
-        ("ddrm:eta=1.5", "method ddrm: eta must be in [0, 1], got 1.5"),
-        ("ddrm:samples=0", "method ddrm: samples must be a positive integer, got 0"),
-        ("ddrm:samples=2.5", "option samples: '2.5' is not a int"),
-        ("srldm:start=0", "method srldm: start must be in (0, 1], got 0.0"),
-        ("srldm:lr_filter=nearest", "method srldm: unknown lr_filter 'nearest'"),
-        ("ddrm-ldm:stop=0.6", "method ddrm-ldm: stop (0.6) must be in [0, start=0.5)"),
-        ("ddrm-ldm:rho=-1", "method ddrm-ldm: rho must be >= 0"),
-        ("ddrm-ldm:eta=-0.5", "method ddrm-ldm: eta must be >= 0"),
-        ("ddrm-srldm:strategy=c", "method ddrm-srldm: unknown DDRM-SRLDM strategy 'c'"),
-        ("ddrm-srldm:eta_b=2", "method ddrm-srldm: eta_b must be in [0, 1], got 2.0"),
-    ]:
-        with pytest.raises((runner.EvalError, ValueError), match=re.escape(says)):
-            runner.parse_options(bad)
-
-
 def test_records_reader_skips_a_cut_line_and_duplicates(tmp_path):
     path = tmp_path / "records.jsonl"
     a = {"task": "sr4", "method": "m", "steps": 2, "image_id": "b.png", "index": 1, "psnr": 1.0}
     b = dict(a, image_id="a.png", index=0, psnr=2.0)
-    runner.append_line(path, a)
-    runner.append_line(path, b)
-    runner.append_line(path, dict(a, psnr=99.0))  # a duplicate: the first one counts
+    store.append_line(path, a)
+    store.append_line(path, b)
+    store.append_line(path, dict(a, psnr=99.0))  # a duplicate: the first one counts
     with open(path, "ab") as f:  # a writer killed mid-line
         f.write(json.dumps(dict(a, image_id="c.png", index=2))[:25].encode())
-    assert [r["psnr"] for r in runner.read_records(tmp_path)] == [2.0, 1.0]  # sorted by index
-    runner.repair_tail(path)
-    runner.append_line(path, dict(a, image_id="d.png", index=3, psnr=4.0))
+    assert [r["psnr"] for r in store.read_records(tmp_path)] == [2.0, 1.0]  # sorted by index
+    store.repair_tail(path)
+    store.append_line(path, dict(a, image_id="d.png", index=3, psnr=4.0))
     assert path.read_bytes().endswith(b"\n") and len(path.read_bytes().split(b"\n")) == 6
-    assert [r["psnr"] for r in runner.read_records(tmp_path)] == [2.0, 1.0, 4.0]
+    assert [r["psnr"] for r in store.read_records(tmp_path)] == [2.0, 1.0, 4.0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +96,7 @@ def test_records_reader_skips_a_cut_line_and_duplicates(tmp_path):
 def test_records_and_tables_match_a_direct_recomputation(reference, data):
     files = (reference / "files.txt").read_text().splitlines()
     assert len(files) == fx.N_IMAGES and all((data / f).is_file() for f in files)
-    recs = runner.read_records(reference)
+    recs = store.read_records(reference)
     assert len(recs) == fx.N_RECORDS
     res = json.loads((reference / "results.json").read_text())
     clean_feats = []
@@ -178,7 +128,7 @@ def test_records_and_tables_match_a_direct_recomputation(reference, data):
     stored = np.stack([np.load(reference / "features" / "clean" / f"{i:05d}.npy") for i in range(fx.N_IMAGES)])
     np.testing.assert_allclose(stored, np.stack(clean_feats), rtol=1e-6)
     # the throughput of every method cell (tables + the Figure 7 sweep), batch 2, on the CPU
-    th = runner.read_jsonl(reference / "throughput.jsonl")
+    th = store.read_jsonl(reference / "throughput.jsonl")
     cells = {(t["task"], t["method"], t["steps"]) for t in th}
     assert cells == {("sr4", "fake-pix", 3), ("sr4", "fake-lat", 4), ("sr4", "fake-lat", 2),
                      ("denoise", "fake-pix", 3), ("denoise", "fake-lat", 4)}  # fmt: skip
@@ -346,7 +296,7 @@ def test_method_options_reach_the_method_are_recorded_and_pinned(reference, data
         y = task.operator.measure(x, task.sigma_y, make_generator(image_seed(fx.SEED, f + "#measurement")))
         upsampled = np.repeat(np.repeat(y.numpy(), 4, axis=-2), 4, axis=-1).clip(-1, 1)  # nearest, noise 0
         mse = float(((upsampled.astype(np.float64) - x.double().numpy()) ** 2).mean())
-        rec = next(r for r in runner.read_records(run) if (r["task"], r["method"], r["image_id"]) == ("sr4", "fake-pix", f))
+        rec = next(r for r in store.read_records(run) if (r["task"], r["method"], r["image_id"]) == ("sr4", "fake-pix", f))
         assert rec["psnr"] == pytest.approx(10 * math.log10(4.0 / mse), abs=1e-6)
     # the latent method had no options: its records are the reference's, bit for bit
     same = [r for r in fx.records(run) if r["method"] == "fake-lat"]
@@ -432,11 +382,11 @@ def test_samples_option_records_the_spread_of_the_draws(data, tmp_path, monkeypa
     run = tmp_path / "run"
     rc, out, err = fx.run_cli(monkeypatch, fx.evaluate_argv(data, run, "--options", "fake-pix:samples=2"))
     assert rc == 0, err
-    recs = [r for r in runner.read_records(run) if r["method"] == "fake-pix"]
+    recs = [r for r in store.read_records(run) if r["method"] == "fake-pix"]
     mean_std = sum(r["sample_std"] for r in recs) / len(recs)
     assert mean_std == pytest.approx(0.05 * 2 / math.sqrt(2 * math.pi), rel=0.05)
     assert all(-1 <= r["std_error_correlation"] <= 1 for r in recs)
-    assert not any("sample_std" in r for r in runner.read_records(run) if r["method"] != "fake-pix")
+    assert not any("sample_std" in r for r in store.read_records(run) if r["method"] != "fake-pix")
     tables = (run / "tables.md").read_text()
     for task in ("sr4", "denoise"):
         per_task = [r["sample_std"] for r in recs if r["task"] == task]

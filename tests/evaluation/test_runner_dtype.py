@@ -7,7 +7,7 @@ import pytest
 
 import test_runner_fakes as fx
 from diffrestore import runtime
-from diffrestore.evaluation import runner
+from diffrestore.evaluation import plan
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def data(tmp_path_factory):
 
 def _settings(data, tmp_path, **spec):
     base = dict(out=str(tmp_path / "run"), data=str(data), n=2, tasks=["sr4"], methods=["ddrm"], pixel_prior="builtin:pixel-s")
-    return runner.prepare(runner.EvalSpec(**{**base, **spec})).settings
+    return plan.prepare(plan.EvalSpec(**{**base, **spec})).settings
 
 
 @pytest.mark.parametrize("native", ["bf16", "fp32"])

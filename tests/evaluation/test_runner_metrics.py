@@ -17,7 +17,7 @@ from skimage.color import rgb2ycbcr
 import test_runner_fakes as fx
 from diffrestore import cli
 from diffrestore.metrics import lpips as L
-from diffrestore.evaluation import runner, tables
+from diffrestore.evaluation import store, tables
 from diffrestore.metrics import quality as metrics
 from diffrestore.image_io import read_image
 
@@ -56,7 +56,7 @@ def test_fresh_evaluation_has_lpips_equal_to_lpips_of_the_saved_images(data, tmp
     run = tmp_path / "run"
     rc, _, err = fx.run_cli(monkeypatch, _argv(data, run))
     assert rc == 0, err
-    recs = runner.read_records(run)
+    recs = store.read_records(run)
     assert {(r["method"], r["steps"]) for r in recs} == {("baseline", 0), ("fake-pix", 2)} and len(recs) == 4
     res = json.loads((run / "results.json").read_text())
     md = _tables_md(run)
@@ -90,7 +90,7 @@ def test_without_lpips_weights_the_column_says_how_to_get_them(data, tmp_path, m
     rc, _, err = fx.run_cli(monkeypatch, _argv(data, run))
     assert rc == 0, err
     assert f"diffrestore: LPIPS left out: {NOTE}" in err
-    recs = runner.read_records(run)
+    recs = store.read_records(run)
     assert len(recs) == 4 and all("lpips" not in r and r["lpips_note"] == NOTE for r in recs)
     assert all(np.isfinite([r["psnr"], r["psnr_y"], r["ssim"]]).all() for r in recs)
     res = json.loads((run / "results.json").read_text())
@@ -118,7 +118,7 @@ def test_time_per_image_is_the_records_total_over_their_count(data, tmp_path, mo
     run = tmp_path / "run"
     rc, _, err = fx.run_cli(monkeypatch, _argv(data, run))
     assert rc == 0, err
-    recs = runner.read_records(run)
+    recs = store.read_records(run)
     res = json.loads((run / "results.json").read_text())
     md = _tables_md(run)
     assert md["Method"][6:] == ["Time (s/image)", "Throughput (samples/s)"]

@@ -10,7 +10,9 @@ import json
 import pytest
 
 import test_runner_fakes as fx
-from diffrestore.evaluation import runner
+from diffrestore.cli_args import parse_options
+from diffrestore.errors import EvalError
+from diffrestore.evaluation.plan import EvalSpec, prepare
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +23,14 @@ def data(tmp_path_factory):
 def _grid(data, tmp_path, **spec):
     base = dict(out=str(tmp_path / "run"), data=str(data), n=2, tasks=["sr4"], methods=["ddrm", "srldm", "ddrm-ldm"],
                 pixel_prior="builtin:pixel-s", latent_prior="builtin:ldmsr-s", fig7_steps={"srldm": [2]})
-    return runner.prepare(runner.EvalSpec(**{**base, **spec})).grid
+    return prepare(EvalSpec(**{**base, **spec})).grid
 
 
 def test_the_grid_records_the_recommended_or_the_paper_options(data, tmp_path):
     assert _grid(data, tmp_path)["options"] == {"ddrm": {"consistency": True}, "srldm": {"consistency": True}}
     assert _grid(data, tmp_path, preset="paper")["options"] == {"ddrm": {"consistency": False}, "srldm": {"consistency": False}}
     # an option given on the command line wins over the preset's, the others stay pinned
-    given = runner.parse_options("ddrm:eta=1.0;srldm:consistency=true;ddrm-ldm:stop=0")
+    given = parse_options("ddrm:eta=1.0;srldm:consistency=true;ddrm-ldm:stop=0")
     assert _grid(data, tmp_path, preset="paper", options=given)["options"] == {
         "ddrm": {"consistency": False, "eta": 1.0}, "srldm": {"consistency": True}, "ddrm-ldm": {"stop": 0.0},
     }  # fmt: skip
@@ -36,7 +38,7 @@ def test_the_grid_records_the_recommended_or_the_paper_options(data, tmp_path):
 
 def _old_run(data, tmp_path, options: dict | None):
     """A run folder as made before the recommended defaults: its config.json lists only the options given."""
-    plan = runner.prepare(runner.EvalSpec(out=str(tmp_path / "old"), data=str(data), n=2, tasks=["sr4"], methods=["ddrm"],
+    plan = prepare(EvalSpec(out=str(tmp_path / "old"), data=str(data), n=2, tasks=["sr4"], methods=["ddrm"],
                                           pixel_prior="builtin:pixel-s", fig7_steps={"ddrm": [2]}))  # fmt: skip
     config = json.loads(json.dumps(plan.config))
     config["grid"].pop("options", None)
@@ -49,17 +51,17 @@ def _old_run(data, tmp_path, options: dict | None):
 
 def test_a_run_recorded_before_the_recommended_defaults_keeps_the_paper_values(data, tmp_path):
     out = _old_run(data, tmp_path, {"ddrm": {"eta": 1.0}})
-    assert runner.prepare(runner.EvalSpec(out=out)).grid["options"] == {"ddrm": {"consistency": False, "eta": 1.0}}
+    assert prepare(EvalSpec(out=out)).grid["options"] == {"ddrm": {"consistency": False, "eta": 1.0}}
     # the same options again are no change; another consistency is refused
-    same = runner.EvalSpec(out=out, options=runner.parse_options("ddrm:eta=1.0"))
-    assert runner.prepare(same).grid["options"] == {"ddrm": {"consistency": False, "eta": 1.0}}
-    with pytest.raises(runner.EvalError, match=r"options of ddrm \{'eta': 1.0\} -> \{'consistency': True\}"):
-        runner.prepare(runner.EvalSpec(out=out, options=runner.parse_options("ddrm:consistency=true")))
+    same = EvalSpec(out=out, options=parse_options("ddrm:eta=1.0"))
+    assert prepare(same).grid["options"] == {"ddrm": {"consistency": False, "eta": 1.0}}
+    with pytest.raises(EvalError, match=r"options of ddrm \{'eta': 1.0\} -> \{'consistency': True\}"):
+        prepare(EvalSpec(out=out, options=parse_options("ddrm:consistency=true")))
 
 
 def test_a_new_run_resumed_keeps_its_recorded_defaults(data, tmp_path):
     out = _old_run(data, tmp_path, {"ddrm": {"consistency": True}})
-    assert runner.prepare(runner.EvalSpec(out=out)).grid["options"] == {"ddrm": {"consistency": True}}
+    assert prepare(EvalSpec(out=out)).grid["options"] == {"ddrm": {"consistency": True}}
 
 
 def test_paper_preset_runs_the_module_defaults_bit_for_bit(data, tmp_path, monkeypatch):
@@ -96,5 +98,5 @@ def test_paper_preset_runs_the_module_defaults_bit_for_bit(data, tmp_path, monke
 
 def test_a_method_added_to_an_old_run_takes_the_recommended_options(data, tmp_path):
     out = _old_run(data, tmp_path, None)
-    spec = runner.EvalSpec(out=out, methods=["srldm"], latent_prior="builtin:ldmsr-s")
-    assert runner.prepare(spec).grid["options"] == {"ddrm": {"consistency": False}, "srldm": {"consistency": True}}
+    spec = EvalSpec(out=out, methods=["srldm"], latent_prior="builtin:ldmsr-s")
+    assert prepare(spec).grid["options"] == {"ddrm": {"consistency": False}, "srldm": {"consistency": True}}

@@ -338,13 +338,13 @@ def test_separable_svds_are_cached_and_shared():
 
 
 def test_evaluate_records_the_tiling_of_a_run(tmp_path, shared):
-    from diffrestore.evaluation import runner
+    from diffrestore.evaluation.plan import EvalSpec, prepare
 
     data = shared / "data" / "imagenet-sample-500"
-    spec = runner.EvalSpec(out=str(tmp_path / "run"), data=str(data), n=2, tasks=["sr4"], methods=["ddrm"],
+    spec = EvalSpec(out=str(tmp_path / "run"), data=str(data), n=2, tasks=["sr4"], methods=["ddrm"],
                            pixel_prior="builtin:pixel-s", tile=256, overlap=16)  # fmt: skip
-    settings = runner.prepare(spec).settings
+    settings = prepare(spec).settings
     assert (settings["tile"], settings["overlap"]) == (256, 16)
-    plain = runner.prepare(runner.EvalSpec(out=str(tmp_path / "plain"), data=str(data), n=2, tasks=["sr4"],
+    plain = prepare(EvalSpec(out=str(tmp_path / "plain"), data=str(data), n=2, tasks=["sr4"],
                                            methods=["ddrm"], pixel_prior="builtin:pixel-s")).settings  # fmt: skip
     assert "tile" not in plain and "overlap" not in plain

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from diffrestore.errors import is_user_error
+
 #: ranks of one evaluation may wait for each other for a long time (uneven resume points)
 TIMEOUT = datetime.timedelta(hours=24)
 
@@ -37,10 +39,8 @@ class RankUserError(ValueError):
 
 def _describe(err: BaseException) -> tuple[str, bool]:
     """(one-line message, whether the CLI reports it as a user error)."""
-    from diffrestore.cli import DISK_ERRORS, USER_ERRORS
-
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return msg, isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.errno in DISK_ERRORS)
+    return msg, is_user_error(err)
 
 
 class Dist:

@@ -1,22 +1,18 @@
 """Tables 1-4 and Figures 4, 6, 7 of an evaluation run, rebuilt from what the run stored.
 
-Nothing here runs a model: numbers come from ``records.jsonl`` (PSNR, PSNR-Y, SSIM, LPIPS,
-consistency, seconds per image), ``features/`` (FID, KID), ``throughput.jsonl`` (samples/s) and the pictures from ``images/`` and
-``intermediates/`` (see :mod:`diffrestore.evaluation.runner` for the layout). Records are sorted
-and averaged with ``math.fsum``, so the tables do not depend on the order records were written
-in (resume points, ranks).
+Nothing here runs a model: numbers come from ``records.jsonl``, ``features/`` (FID, KID) and
+``throughput.jsonl``, the pictures from ``images/`` and ``intermediates/`` (the layout is in
+:mod:`diffrestore.evaluation.store`). Records are sorted and averaged with ``math.fsum``, so the
+tables do not depend on the order records were written in (resume points, ranks).
 
 Outputs (in RUN): ``results.json`` (everything), ``tables.md`` (one table per task, baseline
 first; see :mod:`diffrestore.evaluation.tables`), ``tables.csv``, ``fig4_grid.png``,
 ``fig6_intermediates.png``, ``fig7_fid_throughput.png`` and its data ``fig7.csv``; ``fid_cache.json``
 keeps FID/KID per cell under a digest of the features they came from (a stale entry is recomputed).
 
-Image grids (Figure 4, and ``diffrestore demo``'s comparison grid) are drawn by
-:func:`draw_image_grid`, with a fixed pixel layout (:class:`GridGeometry`).
-
-When the Inception features are missing the FID cells say why (``n/a (no Inception weights:
-...)``), and LPIPS cells without weights say how to install them; no number is ever made up. Timing fields (``seconds_per_image`` and ``throughput_*``) are
-the only ones that differ between two runs of the same grid.
+A metric that cannot be computed says why (``n/a (...)``); no number is made up. Timing fields
+(``seconds_per_image`` and ``throughput_*``) are the only ones that differ between two runs of the
+same grid.
 """
 
 from __future__ import annotations
@@ -31,18 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from diffrestore import image_io
-from diffrestore.evaluation.runner import (
-    FIGURE_IMAGES,
-    EvalError,
-    cell_dir,
-    image_name,
-    read_config,
-    read_jsonl,
-    read_records,
-    sweep_cells,
-    table_cells,
-)
-from diffrestore.evaluation.tables import CSV_FIELDS, TIMING_FIELDS, method_label, tables_markdown, to_csv  # noqa: F401
+from diffrestore.errors import EvalError
+from diffrestore.evaluation.plan import read_config
+from diffrestore.evaluation.store import FIGURE_IMAGES, cell_dir, image_name, read_jsonl, read_records, sweep_cells, table_cells
+from diffrestore.evaluation.tables import method_label, tables_markdown, to_csv
+from diffrestore.figures import draw_image_grid, read_png, save_figure, show_image
 
 # --------------------------------------------------------------------------------------------
 # Numbers
@@ -241,123 +230,6 @@ def compute_results(run: str | Path) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _save_figure(fig, path: Path) -> None:
-    with image_io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=fig.dpi)
-
-
-def _read_png(path: Path):
-    from PIL import Image
-
-    if not path.exists():
-        return None
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB") if im.mode not in ("RGB", "L") else im)
-
-
-def _show(ax, img, title=None) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if img is None:
-        ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes, color="grey")
-    else:
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest", vmin=0, vmax=255 if img.dtype == np.uint8 else 1)
-    if title:
-        ax.set_title(title, fontsize=8)
-
-
-class GridGeometry:
-    """Pixel layout of an image grid: ``nrows`` x ``ncols`` square cells of ``cell_px`` pixels.
-
-    From the top: an optional title band, the column titles, then the rows; each row is a band of
-    cells plus (with captions) a caption strip below every cell. Row labels sit in a left margin.
-    ``box(r, c)`` is the (left, top, right, bottom) pixel box of cell (r, c) in the saved PNG,
-    whose size is exactly ``size``.
-    """
-
-    TITLE_PX = 30
-    COL_TITLE_PX = 40
-    CAPTION_PX = 20
-    GAP_PX = 6
-    MARGIN_PX = 6
-
-    def __init__(
-        self, nrows: int, ncols: int, *, cell_px: int, label_px: int, captions: bool, title: bool, col_title_px: int | None = None
-    ):
-        self.nrows, self.ncols, self.cell = int(nrows), int(ncols), int(cell_px)
-        self.left = int(label_px)
-        self.top = (self.TITLE_PX if title else self.MARGIN_PX) + int(col_title_px or self.COL_TITLE_PX)
-        self.row_px = self.cell + (self.CAPTION_PX if captions else 0)
-        width = self.left + self.ncols * self.cell + (self.ncols - 1) * self.GAP_PX + self.MARGIN_PX
-        height = self.top + self.nrows * self.row_px + (self.nrows - 1) * self.GAP_PX + self.MARGIN_PX
-        self.size = (width, height)
-
-    def box(self, r: int, c: int) -> tuple[int, int, int, int]:
-        x0 = self.left + c * (self.cell + self.GAP_PX)
-        y0 = self.top + r * (self.row_px + self.GAP_PX)
-        return x0, y0, x0 + self.cell, y0 + self.cell
-
-
-def draw_image_grid(
-    path: Path,
-    cells: list[list],
-    *,
-    col_titles: list[str],
-    row_labels: list[str],
-    captions: list[list] | None = None,
-    bold: set[tuple[int, int]] = frozenset(),
-    title: str | None = None,
-    cell_px: int = 160,
-    label_px: int = 90,
-    col_title_px: int | None = None,
-    dpi: int = 100,
-) -> GridGeometry:
-    """Draw a grid of images (``cells[r][c]``: an (H, W[, 3]) array, uint8 or float in [0, 1], or None
-    for "missing") with a title per column (above the first row), a label per row (left, horizontal),
-    an optional caption under each cell (``captions[r][c]``, None for none; cells in ``bold`` get a
-    bold caption) and an optional figure title; save it as a PNG at ``path`` (atomically).
-
-    Images fill their square cell (nearest-neighbour, so a small measurement shows its pixels).
-    Returns the :class:`GridGeometry`: the PNG is exactly ``geometry.size`` pixels and cell (r, c)
-    is drawn inside ``geometry.box(r, c)``. ``col_title_px``: the height of the column titles' band
-    (default ``GridGeometry.COL_TITLE_PX``, two lines), for titles of more lines.
-    """
-    from matplotlib.figure import Figure
-
-    nrows, ncols = len(cells), len(col_titles)
-    if len(row_labels) != nrows or any(len(row) != ncols for row in cells):
-        raise ValueError(f"grid of {nrows} rows x {ncols} columns needs {nrows} row labels and {ncols} cells per row")
-    geo = GridGeometry(
-        max(1, nrows), ncols, cell_px=cell_px, label_px=label_px, captions=captions is not None, title=title is not None,
-        col_title_px=col_title_px,
-    )  # fmt: skip
-    width, height = geo.size
-    # +0.25 px: the canvas is int(inches * dpi) pixels, so float rounding cannot lose a pixel
-    fig = Figure(figsize=((width + 0.25) / dpi, (height + 0.25) / dpi), dpi=dpi)
-    if title:
-        # shrink a title wider than a narrow grid (one method: three columns) so it is not clipped;
-        # an average glyph is about 0.55 em wide, an em is fontsize * dpi / 72 px
-        fit = 0.95 * width / (0.55 * len(title) * dpi / 72)
-        fig.text(0.5, 1 - geo.MARGIN_PX / height, title, ha="center", va="top", fontsize=min(11.0, fit))
-    for r, row in enumerate(cells):
-        for c, img in enumerate(row):
-            x0, y0, x1, y1 = geo.box(r, c)
-            ax = fig.add_axes((x0 / width, 1 - y1 / height, (x1 - x0) / width, (y1 - y0) / height))
-            _show(ax, img, col_titles[c] if r == 0 else None)
-            ax.set_aspect("auto")
-            if r == 0:
-                ax.title.set_fontsize(10)
-            if c == 0:
-                ax.text(-8 / geo.cell, 0.5, row_labels[r], transform=ax.transAxes, ha="right", va="center", fontsize=10)
-            if captions is not None and captions[r][c]:
-                ax.text(
-                    0.5, -3 / geo.cell, captions[r][c], transform=ax.transAxes, ha="center", va="top", fontsize=9,
-                    fontweight="bold" if (r, c) in bold else "normal",
-                )  # fmt: skip
-    _save_figure(fig, path)
-    return geo
-
-
 def figure4(results: dict, run: Path, path: Path) -> None:
     grid, n = results["grid"], results["n_images"]
     methods = [(m, grid["steps"][m]) for m in grid["methods"]]
@@ -371,7 +243,7 @@ def figure4(results: dict, run: Path, path: Path) -> None:
         name = image_name(i, n)
         imgs = [run / "images" / "clean" / f"{name}.png", run / "images" / task / "degraded" / f"{name}.png"]
         imgs += [run / "images" / cell_dir(task, m, s) / f"{name}.png" for m, s in methods]
-        cells.append([_read_png(p) for p in imgs])
+        cells.append([read_png(p) for p in imgs])
     draw_image_grid(
         path,
         cells,
@@ -422,12 +294,12 @@ def figure6(results: dict, run: Path, path: Path) -> None:
                 img, stretched = _display(d[key][j])
                 ax = axes[2 * k + r][j]
                 ax.set_axis_on()
-                _show(ax, img, f"step {int(d['step'][j])} (t={int(d['t'][j])})" if r == 0 else None)
+                show_image(ax, img, f"step {int(d['step'][j])} (t={int(d['t'][j])})" if r == 0 else None)
                 if j == 0:
                     ax.set_ylabel(f"{m.upper()}\n{what}" + ("\n(normalised)" if stretched else ""), fontsize=8)
     fig.suptitle(f"Figure 6: intermediate states, {task}, image 0 (table steps)", fontsize=9)
     fig.subplots_adjust(left=0.1, right=0.99, bottom=0.01, top=1 - 0.75 / fig.get_figheight(), wspace=0.05, hspace=0.25)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def figure7(results: dict, path: Path) -> None:
@@ -466,7 +338,7 @@ def figure7(results: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(f"Figure 7: {'FID' if use_fid else 'PSNR'} vs throughput across step counts ({f7['task']})", fontsize=9)
     fig.subplots_adjust(left=0.13, right=0.97, bottom=bottom, top=0.92)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

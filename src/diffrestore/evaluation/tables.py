@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io as _io
 
-from diffrestore.evaluation.runner import BASELINE
+from diffrestore.operators.tasks import BASELINE
 
 #: row fields that are measurements of time (they differ between runs of the same grid)
 TIMING_FIELDS = ("seconds_per_image", "throughput_samples_per_s", "throughput_batch_size", "throughput_device", "throughput_dtype")

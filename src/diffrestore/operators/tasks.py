@@ -41,6 +41,8 @@ BASELINE_DESCRIPTIONS = {
     "replicate": "grey input in RGB",
 }
 BASELINES = tuple(BASELINE_DESCRIPTIONS)
+#: the method name of the task-baseline row in records, tables and the demo grid
+BASELINE = "baseline"
 
 
 @dataclass(frozen=True)
