@@ -97,7 +97,7 @@ def test_metrics_table_has_a_row_per_task_and_method_baseline_first(run):
     out, _ = run
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == demo.CSV_FIELDS
+    assert tuple(rows[0]) == demo.DEMO_CSV_FIELDS
     assert [(r["task"], r["method"]) for r in rows] == [(t, m) for t in TASKS for m in ["baseline", *METHODS]]
     assert all(r["n_images"] == "1" and float(r["seconds_per_image"]) >= 0 for r in rows)
     baselines = {"sr4": "bicubic upscaling", "noisy-sr4": "bicubic upscaling", "deblur": "the input as is", "denoise": "the input as is"}

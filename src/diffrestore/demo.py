@@ -29,12 +29,12 @@ from diffrestore.operators.tasks import BASELINE, get_task_spec
 from diffrestore.priors.catalog import DEFAULT_PRIORS
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
-TASKS = ("sr4", "deblur", "denoise", "noisy-sr4")
+DEMO_TASKS = ("sr4", "deblur", "denoise", "noisy-sr4")
 GRID_CELL_PX = 192
 GRID_LABEL_PX = 100
 GRID_COL_TITLE_PX = 76  # four lines of a column title
 REPORT_TITLE = " --report (the report's comparison)"
-CSV_FIELDS = ("task", "method", "label", "steps", "options", "n_images", "psnr", "ssim", "seconds_per_image")
+DEMO_CSV_FIELDS = ("task", "method", "label", "steps", "options", "n_images", "psnr", "ssim", "seconds_per_image")
 METRIC_NOTE = "PSNR (dB) and SSIM against the clean photo, computed on the saved 8-bit PNGs"
 
 
@@ -133,7 +133,7 @@ def prepare(spec: DemoSpec) -> DemoPlan:
     columns = demo_columns.columns(spec.methods, spec.report, spec.steps)  # unknown method / option
     methods = [c.method for c in columns]
     check_frozen_graphs(methods, spec.frozen_graphs)
-    task_names = list(dict.fromkeys(spec.tasks)) if spec.tasks is not None else list(TASKS)
+    task_names = list(dict.fromkeys(spec.tasks)) if spec.tasks is not None else list(DEMO_TASKS)
     tasks = {t: make_task(t, (3, spec.size, spec.size)) for t in task_names}  # unknown task / bad size
     budget = resources.memory_budget(spec.max_memory, spec.device)
     separable = any(TASK_SPECS[t].separable for t in tasks)
@@ -344,10 +344,10 @@ def _table(records: list[dict], plan: DemoPlan) -> list[dict]:
 
 def metrics_csv(table: list[dict]) -> str:
     buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(DEMO_CSV_FIELDS), lineterminator="\n")
     w.writeheader()
     for r in table:
-        w.writerow({k: r[k] for k in CSV_FIELDS})
+        w.writerow({k: r[k] for k in DEMO_CSV_FIELDS})
     return buf.getvalue()
 
 
