@@ -115,7 +115,7 @@ def get_method(name: str) -> MethodInfo:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
 
 
-# set by the pipeline for every method, so never a user option
+# set by restoration.run_method for every method, so never a user option
 _PIPELINE_ARGS = {"sigma_y", "steps"}
 # options the registry adds to every method (``MethodInfo.restore``)
 COMMON_OPTIONS = {"samples": 1}
