@@ -17,7 +17,7 @@ from diffrestore import cli, restoration
 from diffrestore.evaluation import report, runner, seams, store
 from diffrestore.evaluation.tables import CSV_FIELDS
 
-HEADER = "| Method | PSNR (dB) | PSNR-Y (dB) | SSIM | LPIPS | FID | Time (s/image) | Throughput (samples/s) |"
+HEADER = "| Method | PSNR (dB) | PSNR-Y (dB) | SSIM | LPIPS | FID | KID | Time (s/image) | Throughput (samples/s) |"
 FIGURES = ("fig4_grid.png", "fig6_intermediates.png", "fig7_fid_throughput.png")
 
 
@@ -66,13 +66,13 @@ def test_tables_have_the_report_layout(run):
     for task in ("sr4", "denoise"):
         rows = tables[task]
         assert [r[0] for r in rows] == ["Method", "Baseline", "FAKE-PIX (3 steps)", "FAKE-LAT (4 steps)"]
-        assert rows[1][7] == "—"  # the baseline has no throughput
+        assert rows[1][8] == "—"  # the baseline has no throughput
         for cells, r in zip(rows[1:], res["tables"][task]):
             assert r["n_images"] == fx.N_IMAGES and r["complete"]
             assert cells[1:4] == [f"{r['psnr']:.2f}", f"{r['psnr_y']:.2f}", f"{r['ssim']:.4f}"]
-            assert cells[5] == f"{r['fid']:.2f}"
+            assert cells[5] == f"{r['fid']:.2f}" and cells[6] == f"{r['kid']:.4f}"
             if r["method"] != "baseline":
-                assert float(cells[7]) == pytest.approx(r["throughput_samples_per_s"], rel=0.06)
+                assert float(cells[8]) == pytest.approx(r["throughput_samples_per_s"], rel=0.06)
                 assert r["throughput_batch_size"] == 2 and r["throughput_device"] == "cpu" and r["throughput_dtype"] == "fp32"
     with open(run / "tables.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -1,6 +1,6 @@
 """Tables 1-4 of an evaluation run as Markdown and CSV, from the rows :mod:`report` computes.
 
-One table per task, baseline first: Method | PSNR | PSNR-Y | SSIM | LPIPS | FID | s/image |
+One table per task, baseline first: Method | PSNR | PSNR-Y | SSIM | LPIPS | FID | KID | s/image |
 Throughput. A metric that cannot be computed shows why (``n/a (...)``: the FID without Inception
 weights, the LPIPS without its weights and how to install them); no number is made up.
 """
@@ -19,7 +19,7 @@ CSV_FIELDS = (
     "sample_std", "std_error_correlation", "throughput_samples_per_s", "throughput_batch_size", "throughput_device", "throughput_dtype",
     "seconds_per_image", "fid_note", "lpips_note",
 )  # fmt: skip
-HEADER = ["Method", "PSNR (dB)", "PSNR-Y (dB)", "SSIM", "LPIPS", "FID", "Time (s/image)", "Throughput (samples/s)"]
+HEADER = ["Method", "PSNR (dB)", "PSNR-Y (dB)", "SSIM", "LPIPS", "FID", "KID", "Time (s/image)", "Throughput (samples/s)"]
 
 
 def method_label(method: str, steps: int) -> str:
@@ -41,9 +41,10 @@ def row_cells(r: dict, n_images: int) -> list[str]:
     """The Markdown cells of one table row (see :data:`HEADER`)."""
     label = r["label"] + ("" if r["complete"] else f" [{r['n_images']}/{n_images} images]")
     fid = _num(r["fid"], 2) if r["fid"] is not None else r["fid_note"]
+    kid = _num(r.get("kid"), 4) if r.get("kid") is not None else "—"
     lpips = _num(r["lpips"], 4) if r.get("lpips") is not None else r.get("lpips_note") or "—"
     throughput = "—" if r["method"] == BASELINE else _rate(r["throughput_samples_per_s"])
-    return [label, _num(r["psnr"], 2), _num(r.get("psnr_y"), 2), _num(r["ssim"], 4), lpips, fid,
+    return [label, _num(r["psnr"], 2), _num(r.get("psnr_y"), 2), _num(r["ssim"], 4), lpips, fid, kid,
             _rate(r["seconds_per_image"]), throughput]  # fmt: skip
 
 
@@ -57,7 +58,8 @@ def tables_markdown(results: dict) -> str:
         "- PSNR / SSIM: mean over images, on [0, 1] float RGB; PSNR-Y: on the ITU-R BT.601 luma "
         "(Y = 16 + 65.481 R + 128.553 G + 24.966 B, [0, 255] units), no border crop",
         "- LPIPS: AlexNet v0.1, on the 8-bit images (as saved), mean over images; "
-        "FID / KID: restored set vs the clean set (Inception pool features)",
+        "FID / KID: restored set vs the clean set (Inception pool features; KID is the unbiased "
+        "polynomial-kernel MMD estimate, so it can be slightly negative for sets closer than sampling noise)",
     ]
     if results.get("skipped"):
         first = results["skipped"][0]

@@ -55,13 +55,7 @@ import torch
 from ..operators.base import LinearOperator
 from ..priors.base import PixelPrior
 from .common import (
-    MethodArgumentError,
-    RandnFn,
-    StepCallback,
-    StepInfo,
-    alpha_bar,
-    check_measurement,
-    check_svd_operator,
+    MethodArgumentError, RandnFn, StepCallback, StepInfo, alpha_bar, check_measurement, check_svd_operator,
     sampler_setup,
 )
 
@@ -141,22 +135,10 @@ def _padded_singulars(values: torch.Tensor, D: int, like: torch.Tensor) -> torch
 
 @torch.no_grad()
 def restore(
-    prior: PixelPrior,
-    operator: LinearOperator,
-    y: torch.Tensor,
-    *,
-    sigma_y: float,
-    steps: int = 100,
-    eta: float = 0.85,
-    travel_length: int = 1,
-    travel_repeat: int = 1,
-    generator: torch.Generator | None = None,
-    randn: RandnFn | None = None,
-    callback: StepCallback | None = None,
-    x_T: torch.Tensor | None = None,
-    official_eps_basis: bool = False,
-    official_travel: bool = False,
-    lambda_singulars: torch.Tensor | None = None,
+    prior: PixelPrior, operator: LinearOperator, y: torch.Tensor, *, sigma_y: float, steps: int = 100,
+    eta: float = 0.85, travel_length: int = 1, travel_repeat: int = 1, generator: torch.Generator | None = None,
+    randn: RandnFn | None = None, callback: StepCallback | None = None, x_T: torch.Tensor | None = None,
+    official_eps_basis: bool = False, official_travel: bool = False, lambda_singulars: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Restore ``x`` from ``y = H x + sigma_y n``: DDNM when ``sigma_y = 0``, DDNM+ otherwise.
 

@@ -48,17 +48,8 @@ import torch
 from ..operators.base import LinearOperator
 from ..priors.base import PixelPrior
 from .common import (
-    MethodArgumentError,
-    RandnFn,
-    StepCallback,
-    StepInfo,
-    alpha_bar,
-    check_measurement,
-    check_rho,
-    previous_timesteps,
-    sampler_setup,
-    spectral_consistency,
-    uniform_skip_timesteps,
+    MethodArgumentError, RandnFn, StepCallback, StepInfo, alpha_bar, check_measurement, check_rho,
+    previous_timesteps, sampler_setup, spectral_consistency, uniform_skip_timesteps,
 )
 
 __all__ = ["restore", "check_values"]
@@ -110,21 +101,10 @@ def _sigma(a: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def restore(
-    prior: PixelPrior,
-    operator: LinearOperator,
-    y: torch.Tensor,
-    *,
-    sigma_y: float,
-    steps: int = 20,
-    eta: float = 0.85,
-    eta_b: float = 1.0,
-    generator: torch.Generator | None = None,
-    randn: RandnFn | None = None,
-    callback: StepCallback | None = None,
-    x_T: torch.Tensor | None = None,
-    official_zero_singular_bug: bool = False,
-    consistency: bool = False,
-    rho: float = DDRM_CONSISTENCY_RHO,
+    prior: PixelPrior, operator: LinearOperator, y: torch.Tensor, *, sigma_y: float, steps: int = 20,
+    eta: float = 0.85, eta_b: float = 1.0, generator: torch.Generator | None = None, randn: RandnFn | None = None,
+    callback: StepCallback | None = None, x_T: torch.Tensor | None = None,
+    official_zero_singular_bug: bool = False, consistency: bool = False, rho: float = DDRM_CONSISTENCY_RHO,
 ) -> torch.Tensor:
     """Restore ``x`` from ``y = H x + sigma_y n`` with DDRM.
 

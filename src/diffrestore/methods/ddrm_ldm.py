@@ -54,19 +54,8 @@ def estimate_error_std(a_t: float, rho: float) -> float:
 
 @torch.no_grad()
 def restore(
-    prior,
-    operator,
-    y: torch.Tensor,
-    *,
-    sigma_y: float,
-    steps: int = 50,
-    eta: float = 1.0,
-    rho: float = 0.3,
-    start: float = 0.5,
-    stop: float = 0.4,
-    generator: torch.Generator | None = None,
-    randn=None,
-    callback=None,
+    prior, operator, y: torch.Tensor, *, sigma_y: float, steps: int = 50, eta: float = 1.0, rho: float = 0.3,
+    start: float = 0.5, stop: float = 0.4, generator: torch.Generator | None = None, randn=None, callback=None,
 ) -> torch.Tensor:
     """Restore ``x`` from ``y = H x + sigma_y n`` with a latent SR prior (see module docstring).
 

@@ -65,18 +65,8 @@ class LatentSRAsPixelDenoiser(PixelPrior):
 
 @torch.no_grad()
 def restore(
-    prior,
-    operator,
-    y: torch.Tensor,
-    *,
-    sigma_y: float,
-    steps: int = 20,
-    strategy: str = "a",
-    eta: float = 0.85,
-    eta_b: float = 1.0,
-    generator: torch.Generator | None = None,
-    randn=None,
-    callback=None,
+    prior, operator, y: torch.Tensor, *, sigma_y: float, steps: int = 20, strategy: str = "a", eta: float = 0.85,
+    eta_b: float = 1.0, generator: torch.Generator | None = None, randn=None, callback=None,
 ) -> torch.Tensor:
     """DDRM with the latent SR model standing in for the pixel denoiser (``strategy`` "a" or "b").
 

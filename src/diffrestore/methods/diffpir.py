@@ -146,23 +146,10 @@ def _initial_state(ac64: torch.Tensor, t_start: int, x_start: torch.Tensor, nois
 
 @torch.no_grad()
 def restore(
-    prior: PixelPrior,
-    operator: LinearOperator,
-    y: torch.Tensor,
-    *,
-    sigma_y: float,
-    steps: int = 20,
-    lambda_: float = 7.0,
-    zeta: float = 0.3,
-    skip_type: str = "quad",
-    t_start: int = 999,
-    init: str = "plain",
-    official_output: bool = False,
-    generator: torch.Generator | None = None,
-    randn: RandnFn | None = None,
-    callback: StepCallback | None = None,
-    x_T: torch.Tensor | None = None,
-    x_start: torch.Tensor | None = None,
+    prior: PixelPrior, operator: LinearOperator, y: torch.Tensor, *, sigma_y: float, steps: int = 20,
+    lambda_: float = 7.0, zeta: float = 0.3, skip_type: str = "quad", t_start: int = 999, init: str = "plain",
+    official_output: bool = False, generator: torch.Generator | None = None, randn: RandnFn | None = None,
+    callback: StepCallback | None = None, x_T: torch.Tensor | None = None, x_start: torch.Tensor | None = None,
     data_step: DataStep | None = None,
 ) -> torch.Tensor:
     """Restore ``x`` from ``y = H x + sigma_y n`` with DiffPIR.

@@ -45,15 +45,8 @@ import torch
 from ..operators.base import LinearOperator
 from ..priors.base import PixelPrior
 from .common import (
-    MethodArgumentError,
-    RandnFn,
-    StepCallback,
-    StepInfo,
-    alpha_bar,
-    check_measurement,
-    make_randn,
-    previous_timesteps,
-    uniform_skip_timesteps,
+    MethodArgumentError, RandnFn, StepCallback, StepInfo, alpha_bar, check_measurement, make_randn,
+    previous_timesteps, uniform_skip_timesteps,
 )
 
 __all__ = ["restore", "check_values"]
@@ -125,18 +118,9 @@ def pigdm_step(prior, x_t, t: int, a_t, a_s, residual, z, *, eta: float, guidanc
 
 @torch.no_grad()
 def restore(
-    prior: PixelPrior,
-    operator: LinearOperator,
-    y: torch.Tensor,
-    *,
-    sigma_y: float,
-    steps: int = 20,
-    eta: float = 1.0,
-    guidance_weight: float = 1.0,
-    official_ignore_sigma_y: bool = False,
-    generator: torch.Generator | None = None,
-    randn: RandnFn | None = None,
-    callback: StepCallback | None = None,
+    prior: PixelPrior, operator: LinearOperator, y: torch.Tensor, *, sigma_y: float, steps: int = 20,
+    eta: float = 1.0, guidance_weight: float = 1.0, official_ignore_sigma_y: bool = False,
+    generator: torch.Generator | None = None, randn: RandnFn | None = None, callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Restore ``x`` from ``y = H x + sigma_y n`` with ΠGDM.
 

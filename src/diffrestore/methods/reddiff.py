@@ -39,13 +39,7 @@ import torch
 from ..operators.base import LinearOperator
 from ..priors.base import PixelPrior
 from .common import (
-    MethodArgumentError,
-    RandnFn,
-    StepCallback,
-    StepInfo,
-    alpha_bar,
-    check_measurement,
-    make_randn,
+    MethodArgumentError, RandnFn, StepCallback, StepInfo, alpha_bar, check_measurement, make_randn,
     uniform_skip_timesteps,
 )
 
@@ -89,19 +83,9 @@ class _Adam:
 
 @torch.no_grad()
 def restore(
-    prior: PixelPrior,
-    operator: LinearOperator,
-    y: torch.Tensor,
-    *,
-    sigma_y: float,
-    steps: int = 20,
-    lr: float = 0.1,
-    reg_weight: float = 0.25,
-    obs_weight: float = 1.0,
-    sigma_x0: float = 0.0,
-    generator: torch.Generator | None = None,
-    randn: RandnFn | None = None,
-    callback: StepCallback | None = None,
+    prior: PixelPrior, operator: LinearOperator, y: torch.Tensor, *, sigma_y: float, steps: int = 20,
+    lr: float = 0.1, reg_weight: float = 0.25, obs_weight: float = 1.0, sigma_x0: float = 0.0,
+    generator: torch.Generator | None = None, randn: RandnFn | None = None, callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Restore ``x`` from ``y = H x + sigma_y n`` with RED-diff.
 

@@ -110,20 +110,10 @@ def initial_latent(prior, schedule, noise: torch.Tensor, x_init: torch.Tensor | 
 
 
 def restore(
-    prior,
-    operator,
-    y: torch.Tensor,
-    *,
-    sigma_y: float,
-    steps: int = 100,
-    eta: float = 1.0,
-    generator: torch.Generator | None = None,
-    randn: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
-    callback: Callable[[dict], None] | None = None,
-    lr_filter: str = "bicubic",
-    start: float = 1.0,
-    consistency: bool = False,
-    rho: float = SRLDM_CONSISTENCY_RHO,
+    prior, operator, y: torch.Tensor, *, sigma_y: float, steps: int = 100, eta: float = 1.0,
+    generator: torch.Generator | None = None, randn: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
+    callback: Callable[[dict], None] | None = None, lr_filter: str = "bicubic", start: float = 1.0,
+    consistency: bool = False, rho: float = SRLDM_CONSISTENCY_RHO,
 ) -> torch.Tensor:
     """SRLDM restoration of ``y``; returns x_hat (B, C, H, W) in [-1, 1].
 
