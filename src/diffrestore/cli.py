@@ -85,18 +85,60 @@ def cmd_priors(args) -> int:
     return 0
 
 
+#: help and description of the subcommands declared in this module
+COMMAND_TEXTS = {
+    "evaluate": (
+        "benchmark grid (tasks x methods x steps over a folder of images): tables and figures",
+        "Degrade each chosen image once per task, restore it with every method, score it, and write "
+        "records, tables (the report's Tables 1-4) and figures (4, 6, 7) into --out. Resumable: rerun the same "
+        "command to finish an interrupted run; name more tasks/methods/--fig7-steps to extend it. Sharded: "
+        "--nproc K, or torchrun --nproc_per_node=K -m diffrestore evaluate ...",
+    ),
+    "report": (
+        "re-render the tables and figures of an evaluation run (runs no model)",
+        "Rebuild tables.md, tables.csv, results.json, fig4/fig6/fig7 (and fig7.csv) of RUN from its stored "
+        "records, features, images and intermediates.",
+    ),
+    "demo": (
+        "restore a few sample photos with the recommended methods: a comparison grid, a metrics table",
+        "Restore scikit-image's bundled sample photos (astronaut, coffee, chelsea, rocket; no download) "
+        "for the tasks sr4, deblur, denoise, noisy-sr4 with the methods a user should pick: ddrm, diffpir (pixel "
+        "prior), ddrm-ldm and srldm with its consistency step (latent prior); --report shows the report's "
+        "comparison instead, its two failing setups labelled. Writes OUT/demo_grid.png (columns titled with "
+        "method, steps and options; the baseline named per task), OUT/metrics.md, OUT/metrics.csv, "
+        "OUT/summary.json and the images in OUT/images/. PSNR/SSIM are computed on the saved 8-bit PNGs. Methods "
+        "whose built-in prior is not trained yet are skipped with a warning (unless named with --methods).",
+    ),
+    "train": (
+        "train a built-in prior (pixel, or latent-sr: stages autoencoder then unet)",
+        "Train a prior from a folder of photos; resumable (--resume). "
+        "`diffrestore train pixel --help` / `diffrestore train latent-sr --help` list the options.",
+    ),
+    "app": (
+        "serve a web page to restore photos (needs the app extra: pip install -e \".[app]\")",
+        "Start the web app on this computer: upload a photo, say what is wrong with it, compare "
+        "before and after, download the result. Listens on 127.0.0.1 only unless --host says otherwise.",
+    ),
+}
+
+
+def _run_settings(args) -> dict:
+    """The options evaluate and demo share: priors, device, precision, progress and resource limits."""
+    return dict(pixel_prior=args.pixel_prior, latent_prior=args.latent_prior, adm_config=parse_adm_config(args.adm_config),
+                device=args.device, dtype=args.dtype, progress=not args.no_progress, max_pixels=args.max_pixels,
+                max_memory=args.max_memory)  # fmt: skip
+
+
+def _subparser(sub, name: str):
+    help_text, description = COMMAND_TEXTS[name]
+    return sub.add_parser(name, help=help_text, description=description)
+
+
 # ---- evaluate / report ----
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="benchmark grid (tasks x methods x steps over a folder of images): tables and figures",
-        description="Degrade each chosen image once per task, restore it with every method, score it, and write "
-        "records, tables (the report's Tables 1-4) and figures (4, 6, 7) into --out. Resumable: rerun the same "
-        "command to finish an interrupted run; name more tasks/methods/--fig7-steps to extend it. Sharded: "
-        "--nproc K, or torchrun --nproc_per_node=K -m diffrestore evaluate ...",
-    )
+    p = _subparser(sub, "evaluate")
     p.add_argument("--data", default=None, help="folder of clean images (searched recursively)")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (created; reused to resume)")
     subset = p.add_mutually_exclusive_group()
@@ -141,6 +183,7 @@ def cmd_evaluate(args) -> int:
 
     check_tile_options(args)
     spec = EvalSpec(
+        **_run_settings(args),
         out=args.out,
         data=args.data,
         n=args.first if args.first is not None else args.n,
@@ -153,19 +196,11 @@ def cmd_evaluate(args) -> int:
         options=parse_options(args.options),
         fig7_steps=parse_sweep(args.fig7_steps),
         fig7_task=args.fig7_task,
-        pixel_prior=args.pixel_prior,
-        latent_prior=args.latent_prior,
-        adm_config=parse_adm_config(args.adm_config),
-        device=args.device,
-        dtype=args.dtype,
         frozen_graphs=args.frozen_graphs or None,
         batch_size=args.batch_size,
         save_images=args.save_images,
         nproc=args.nproc,
-        progress=not args.no_progress,
         preset=args.preset,
-        max_pixels=args.max_pixels,
-        max_memory=args.max_memory,
         skip_bad=args.skip_bad,
         tile=args.tile,
         overlap=args.overlap,
@@ -178,12 +213,7 @@ def cmd_evaluate(args) -> int:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser(
-        "report",
-        help="re-render the tables and figures of an evaluation run (runs no model)",
-        description="Rebuild tables.md, tables.csv, results.json, fig4/fig6/fig7 (and fig7.csv) of RUN from its stored "
-        "records, features, images and intermediates.",
-    )
+    p = _subparser(sub, "report")
     p.add_argument("run", metavar="RUN")
     p.set_defaults(func=cmd_report)
 
@@ -203,17 +233,7 @@ def cmd_report(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="restore a few sample photos with the recommended methods: a comparison grid, a metrics table",
-        description="Restore scikit-image's bundled sample photos (astronaut, coffee, chelsea, rocket; no download) "
-        "for the tasks sr4, deblur, denoise, noisy-sr4 with the methods a user should pick: ddrm, diffpir (pixel "
-        "prior), ddrm-ldm and srldm with its consistency step (latent prior); --report shows the report's "
-        "comparison instead, its two failing setups labelled. Writes OUT/demo_grid.png (columns titled with "
-        "method, steps and options; the baseline named per task), OUT/metrics.md, OUT/metrics.csv, "
-        "OUT/summary.json and the images in OUT/images/. PSNR/SSIM are computed on the saved 8-bit PNGs. Methods "
-        "whose built-in prior is not trained yet are skipped with a warning (unless named with --methods).",
-    )
+    p = _subparser(sub, "demo")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--images", type=int, default=2, help="number of sample photos, 1-4 (default 2)")
     p.add_argument("--size", type=int, default=256, help="photos are centre-cropped and resized to SIZE (default 256)")
@@ -249,6 +269,7 @@ def cmd_demo(args) -> int:
     from diffrestore import demo
 
     spec = demo.DemoSpec(
+        **_run_settings(args),
         out=Path(args.out),
         images=args.images,
         size=args.size,
@@ -256,16 +277,8 @@ def cmd_demo(args) -> int:
         report=args.report,
         tasks=parse_list(args.tasks, "--tasks"),
         steps=parse_steps(args.steps),
-        pixel_prior=args.pixel_prior,
-        latent_prior=args.latent_prior,
-        adm_config=parse_adm_config(args.adm_config),
         seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
         frozen_graphs=args.frozen_graphs,
-        progress=not args.no_progress,
-        max_pixels=args.max_pixels,
-        max_memory=args.max_memory,
     )
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads must be at least 1, got {args.threads}")
@@ -311,12 +324,7 @@ TRAINERS = {"pixel": "diffrestore.training.pixel", "latent-sr": "diffrestore.tra
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a built-in prior (pixel, or latent-sr: stages autoencoder then unet)",
-        description="Train a prior from a folder of photos; resumable (--resume). "
-        "`diffrestore train pixel --help` / `diffrestore train latent-sr --help` list the options.",
-    )
+    p = _subparser(sub, "train")
     p.add_argument("kind", choices=sorted(TRAINERS))
     p.add_argument("args", nargs=argparse.REMAINDER, help="the trainer's own options")
     p.set_defaults(func=cmd_train)
@@ -329,11 +337,7 @@ def cmd_train(args) -> int:
 
 
 def _add_app(sub) -> None:
-    p = sub.add_parser(
-        "app", help="serve a web page to restore photos (needs the app extra: pip install -e \".[app]\")",
-        description="Start the web app on this computer: upload a photo, say what is wrong with it, compare "
-        "before and after, download the result. Listens on 127.0.0.1 only unless --host says otherwise.",
-    )  # fmt: skip
+    p = _subparser(sub, "app")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this computer only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
