@@ -16,23 +16,22 @@ from diffrestore import runtime
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# A child that imports diffrestore (and torch first, as a user's script would), runs a small conv net at
-# 256x256 (16 MiB activations) 6 times after a warm-up and prints its minor page faults in those calls.
-FAULTS = """
-import json, resource, torch, diffrestore
+# A child that imports diffrestore (after torch, as a user's script would), allocates a 64 MiB tensor
+# and prints how much the brk heap grew: glibc's defaults serve any block over 32 MiB (the largest
+# dynamic mmap threshold) by a fresh mmap, which the tuned allocator turns off (M_MMAP_MAX 0).
+HEAP = """
+import json, torch, diffrestore
 from diffrestore import runtime
-torch.set_num_threads(1)
-nn = torch.nn
-net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.SiLU(), nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(),
-                    nn.Conv2d(64, 3, 3, padding=1)).eval()
-x = torch.randn(1, 3, 256, 256)
-with torch.no_grad():
-    net(x)
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(6):
-        net(x)
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"tuned": runtime.allocator_tuned(), "minflt": r1.ru_minflt - r0.ru_minflt}))
+def heap():
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("[heap]"):
+            a, b = line.split()[0].split("-")
+            return int(b, 16) - int(a, 16)
+    return 0
+h0 = heap()
+t = torch.empty(64 * 1024 * 1024, dtype=torch.uint8)
+t.fill_(1)
+print(json.dumps({"tuned": runtime.allocator_tuned(), "heap_growth": heap() - h0}))
 """
 
 # A child that restores a random sr4 measurement with the golden tiny ADM prior (3 DDRM steps) and
@@ -66,18 +65,18 @@ glibc_only = pytest.mark.skipif(runtime._glibc() is None, reason="the allocator 
 
 @glibc_only
 def test_setting_takes_effect_after_torch_is_imported():
-    on, off = _child(FAULTS), _child(FAULTS, DIFFRESTORE_MALLOC="system")
+    """Tuned, a large tensor lives in the heap (reused between network calls, no fresh page faults);
+    with DIFFRESTORE_MALLOC=system it is glibc's usual mmap. The fault and system-time savings this
+    buys are measured by bench/scaling.py, not here (they depend on the machine's load)."""
+    on, off = _child(HEAP), _child(HEAP, DIFFRESTORE_MALLOC="system")
     assert on["tuned"] and not off["tuned"]
-    pages = 16 * 1024 * 1024 // os.sysconf("SC_PAGE_SIZE")
-    # glibc's defaults: each 16 MiB activation is a fresh mmap, faulted in page by page in every call
-    assert off["minflt"] >= 6 * pages
-    # kept in the heap and reused (the odd fault where freed blocks do not fit the next request)
-    assert on["minflt"] <= off["minflt"] / 4
+    assert on["heap_growth"] >= 60 * 2**20
+    assert off["heap_growth"] < 2**20
 
 
 @glibc_only
 def test_user_malloc_environment_is_left_alone():
-    assert not _child(FAULTS, MALLOC_MMAP_MAX_="65536")["tuned"]
+    assert not _child(HEAP, MALLOC_MMAP_MAX_="65536")["tuned"]
 
 
 @glibc_only
