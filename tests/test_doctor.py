@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import pytest
 
 from diffrestore import doctor
 from diffrestore.metrics import inception, lpips

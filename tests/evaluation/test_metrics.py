@@ -1,6 +1,5 @@
 """PSNR / SSIM against scikit-image; FID against closed forms; KID against a direct double loop."""
 
-import math
 
 import numpy as np
 import pytest
